@@ -1,0 +1,116 @@
+"""The ``moe-serve`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path(os.environ.get("MOE_SERVE_HOME", Path.home() / ".cache" / "moe-serve")) / "tiny"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-serve", description="Serve Llama 4 MoE checkpoints")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the Hugging Face layout")
+    mk.add_argument("dir", type=Path)
+    mk.add_argument("--preset", choices=("tiny", "small"), default="tiny")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(run=_make_checkpoint)
+
+    gen = sub.add_parser("generate", help="generate with the single-process model (greedy)")
+    gen.add_argument("--checkpoint", type=Path, default=None,
+                     help=f"checkpoint directory (default: {DEFAULT_CHECKPOINT}, made if missing)")
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="prompt text (a BOS token is prepended)")
+    prompt.add_argument("--prompt-ids", default=None, help="comma-separated prompt token ids, e.g. 1,2,3")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."}')
+    gen.set_defaults(run=_generate)
+
+    params = sub.add_parser("params", help="total and active parameters of a config.json (meta device)")
+    params.add_argument("config", type=Path)
+    params.set_defaults(run=_params)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:  # our errors carry a message meant for a person
+        print(f"moe-serve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _make_checkpoint(args) -> int:
+    from models.checkpoint_writer import make_checkpoint
+
+    t0 = time.perf_counter()
+    out = make_checkpoint(args.dir, preset=args.preset, seed=args.seed)
+    print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+
+    from models.generate import greedy_generate
+    from models.loading import load_model
+    from models.tokenizer import Tokenizer
+
+    checkpoint = args.checkpoint or _default_checkpoint()
+    if args.max_tokens <= 0:
+        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    model = load_model(checkpoint)
+    if args.prompt_ids is not None:
+        prompt_ids = _parse_ids(args.prompt_ids, model.cfg.vocab_size)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt if args.prompt is not None else "Hello, world")
+    limit = model.cfg.max_position_embeddings
+    if len(prompt_ids) + args.max_tokens > limit:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens ({args.max_tokens}) exceeds the "
+                         f"model's context of {limit} tokens")
+    new_ids = greedy_generate(model, torch.tensor([prompt_ids]), args.max_tokens, tokenizer.eos_token_ids)[0].tolist()
+    text = tokenizer.decode(new_ids)
+    if args.json:
+        print(json.dumps({"token_ids": new_ids, "text": text}))
+    else:
+        print(text)
+    return 0
+
+
+def _params(args) -> int:
+    from models.param_count import param_counts
+
+    c = param_counts(args.config)
+    print(f"total parameters:  {c.total / 1e9:8.2f} B  (text {c.text_total / 1e9:.2f} B, vision {c.vision / 1e9:.2f} B)")
+    print(f"active per token:  {c.text_active / 1e9:8.2f} B  (text model; the vision tower runs only on images)")
+    print(f"one routed expert: {c.expert / 1e6:8.1f} M")
+    return 0
+
+
+def _parse_ids(text: str, vocab_size: int) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if not ids or bad:
+        raise ValueError(f"--prompt-ids needs at least one id, each in [0, {vocab_size}); bad: {bad}")
+    return ids
+
+
+def _default_checkpoint() -> Path:
+    from models.checkpoint_writer import make_checkpoint
+
+    if not (DEFAULT_CHECKPOINT / "config.json").exists():
+        print(f"making the tiny default checkpoint at {DEFAULT_CHECKPOINT} ...", file=sys.stderr)
+        make_checkpoint(DEFAULT_CHECKPOINT, preset="tiny", seed=0)
+    return DEFAULT_CHECKPOINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Small building blocks of the Llama 4 text model: norms, SwiGLU MLP, rotary embedding.
+
+Shape legend: B batch, T tokens (new), H query heads, Dh head dim, D hidden, F ffn width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import Llama4Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale: the order transformers uses, which matters in bf16.
+        return l2_norm(x, self.eps) * self.weight
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama 4's weightless q/k norm (it is an RMS norm despite the name)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class SwiGLU(nn.Module):
+    """Dense FFN and shared expert: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
+        self.up_proj = nn.Linear(hidden, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+
+
+def rope_inv_freq(cfg: Llama4Config) -> torch.Tensor:
+    """Inverse frequencies [Dh/2], with llama3 scaling when the config asks for it."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling
+    if s.rope_type == "default":
+        return inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [T, Dh/2] in fp32 for the given absolute positions."""
+    angles_TF = positions_T.float()[:, None] * inv_freq[None, :]
+    return torch.cos(angles_TF), torch.sin(angles_TF)
+
+
+def apply_rope(x_BTHDh: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+    """Rotate *adjacent* pairs (x[2i], x[2i+1]): Llama 4 uses the complex-number form, not rotate-half."""
+    x = x_BTHDh.float().unflatten(-1, (-1, 2))  # [B, T, H, Dh/2, 2]
+    a, b = x[..., 0], x[..., 1]
+    cos, sin = cos_TF[None, :, None, :], sin_TF[None, :, None, :]
+    out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    return out.flatten(-2).type_as(x_BTHDh)

@@ -1,0 +1,68 @@
+"""The Llama 4 text model in plain torch, single process: the numerical oracle for everything distributed.
+
+Shape legend: B batch, T new tokens, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.attention import Attention
+from models.config import Llama4Config
+from models.kv_cache import SimpleKVCache
+from models.layers import RMSNorm, SwiGLU, rope_cos_sin, rope_inv_freq
+from models.moe import MoEFeedForward
+from models.seam import ExpertSeam, LocalExperts
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Llama4Config, layer_idx: int, experts: ExpertSeam):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.feed_forward = (MoEFeedForward(cfg, layer_idx, experts) if self.is_moe
+                             else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp))
+
+    def forward(self, h_BTD, pos_T, rope_TF, cache):
+        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), pos_T, rope_TF, cache)
+        ffn_in_TD = self.post_attention_layernorm(h_BTD).flatten(0, 1)  # the FFN sees a flat batch of tokens
+        return h_BTD + self.feed_forward(ffn_in_TD).view_as(h_BTD)
+
+
+class Llama4TextModel(nn.Module):
+    """Embeddings, decoder layers (iRoPE attention; dense or MoE FFN), final norm, LM head.
+
+    ``experts`` is the router<->experts seam; ``LocalExperts`` (all experts here) when not given.
+    """
+
+    def __init__(self, cfg: Llama4Config, experts: ExpertSeam | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.cfg = cfg
+        with torch.device(device or "cpu"):
+            self.experts = experts if experts is not None else LocalExperts(cfg, dtype=dtype)
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+            self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.experts) for i in range(cfg.num_hidden_layers))
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if dtype is not None:
+            self.to(dtype)
+        # Not a buffer: it is derived from the config, never loaded, and stays fp32 whatever the weights are.
+        self.inv_freq = rope_inv_freq(cfg)
+
+    def new_cache(self) -> SimpleKVCache:
+        return SimpleKVCache(self.cfg.num_hidden_layers)
+
+    def forward(self, token_ids_BT: torch.Tensor, cache: SimpleKVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (fp32 when the weights are) of ``token_ids_BT`` following what ``cache`` holds."""
+        start = cache.length if cache is not None else 0
+        T = token_ids_BT.shape[1]
+        pos_T = torch.arange(start, start + T, device=token_ids_BT.device)
+        rope_TF = rope_cos_sin(self.inv_freq.to(token_ids_BT.device), pos_T)
+        h_BTD = self.embed_tokens(token_ids_BT)
+        for layer in self.layers:
+            h_BTD = layer(h_BTD, pos_T, rope_TF, cache)
+        return self.lm_head(self.norm(h_BTD))

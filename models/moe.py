@@ -1,0 +1,30 @@
+"""Llama 4 MoE feed-forward: top-k sigmoid router, routed experts through the seam, shared expert.
+
+Shape legend: T tokens, K top-k, E experts, D hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import Llama4Config
+from models.layers import SwiGLU
+from models.seam import ExpertSeam, top_k_gate
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, cfg: Llama4Config, layer_idx: int, experts: ExpertSeam):
+        super().__init__()
+        self.layer_idx, self.top_k = layer_idx, cfg.num_experts_per_tok
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        # The seam is owned by the model, not by each layer: a plain attribute keeps it out of this
+        # layer's state dict (expert weights live with the seam, here or on other machines).
+        self.__dict__["experts"] = experts
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        scores_TK, expert_ids_TK = top_k_gate(self.router(x_TD), self.top_k)
+        handle = self.experts.dispatch(self.layer_idx, x_TD, expert_ids_TK, scores_TK)
+        shared_TD = self.shared_expert(x_TD)  # runs while the rows are with the experts
+        return shared_TD + self.experts.combine(handle)
