@@ -1,27 +1,31 @@
 """Llama 4 attention (iRoPE): RoPE + chunked local attention on most layers, NoPE global attention with
 temperature tuning on every ``no_rope_layer_interval``-th layer, optional q/k L2 norm, grouped-query heads.
 
-Shape legend: B batch, T new tokens, L attended tokens (cache + new), H query heads, Hkv key/value heads,
-Dh head dim, D hidden, F rotary frequencies (Dh/2).
+The layer computes q/k/v for a flat batch of tokens; where keys and values are kept and how the attention
+over them is computed belongs to a backend (the oracle's contiguous cache, or the engine's paged cache).
+
+Shape legend: T new tokens (flat over sequences), H query heads, Hkv key/value heads, Dh head dim,
+D hidden, F rotary frequencies (Dh/2).
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.config import Llama4Config
-from models.kv_cache import SimpleKVCache
 from models.layers import apply_rope, l2_norm
 
 
-def attention_mask(q_pos_T: torch.Tensor, k_pos_L: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """Boolean [T, L]: causal, and for chunked layers only keys in the query's own chunk."""
-    allowed_TL = k_pos_L[None, :] <= q_pos_T[:, None]
-    if chunk is not None:
-        allowed_TL &= (k_pos_L[None, :] // chunk) == (q_pos_T[:, None] // chunk)
-    return allowed_TL
+class AttentionBackend(Protocol):
+    def attend(self, layer: int, chunk: int | None, pos_T: torch.Tensor, q_THDh: torch.Tensor,
+               k_THDh: torch.Tensor, v_THDh: torch.Tensor) -> torch.Tensor:
+        """Keep the new k/v of ``layer`` and return attention of q over the sequence's keys: [T, H, Dh].
+
+        ``chunk`` is the attention chunk of a chunked (RoPE) layer, None for a global one.
+        """
 
 
 def temperature_scale(pos_T: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
@@ -43,26 +47,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * Dh, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * Dh, D, bias=cfg.attention_bias)
 
-    def forward(self, x_BTD: torch.Tensor, pos_T: torch.Tensor, rope_TF: tuple[torch.Tensor, torch.Tensor],
-                cache: SimpleKVCache | None) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
+    def forward(self, x_TD: torch.Tensor, pos_T: torch.Tensor, rope_TF: tuple[torch.Tensor, torch.Tensor],
+                backend: AttentionBackend) -> torch.Tensor:
         Dh = self.cfg.head_dim
-        q_BTHDh = self.q_proj(x_BTD).view(B, T, -1, Dh)
-        k_BTHDh = self.k_proj(x_BTD).view(B, T, -1, Dh)
-        v_BTHDh = self.v_proj(x_BTD).view(B, T, -1, Dh)
+        q_THDh = self.q_proj(x_TD).unflatten(-1, (-1, Dh))
+        k_THDh = self.k_proj(x_TD).unflatten(-1, (-1, Dh))
+        v_THDh = self.v_proj(x_TD).unflatten(-1, (-1, Dh))
         if self.use_rope:
-            q_BTHDh, k_BTHDh = apply_rope(q_BTHDh, *rope_TF), apply_rope(k_BTHDh, *rope_TF)
+            q_THDh, k_THDh = apply_rope(q_THDh, *rope_TF), apply_rope(k_THDh, *rope_TF)
         if self.use_qk_norm:  # after RoPE, as the reference does
-            q_BTHDh, k_BTHDh = l2_norm(q_BTHDh, self.cfg.rms_norm_eps), l2_norm(k_BTHDh, self.cfg.rms_norm_eps)
+            q_THDh, k_THDh = l2_norm(q_THDh, self.cfg.rms_norm_eps), l2_norm(k_THDh, self.cfg.rms_norm_eps)
         if self.temperature_tuning:
             scale_T = temperature_scale(pos_T, self.cfg.floor_scale, self.cfg.attn_scale)
-            q_BTHDh = (q_BTHDh * scale_T[None, :, None, None]).to(q_BTHDh.dtype)
-        # [B, T, H, Dh] -> [B, H, T, Dh] (head-major, what SDPA and the cache want)
-        q, k, v = (t.transpose(1, 2) for t in (q_BTHDh, k_BTHDh, v_BTHDh))
-        k_pos_L = pos_T
-        if cache is not None:  # the simple cache holds every position from 0
-            k, v = cache.append(self.layer_idx, k, v)
-            k_pos_L = torch.arange(k.shape[2], device=x_BTD.device)
-        mask_TL = attention_mask(pos_T, k_pos_L, self.chunk)
-        out_BHTDh = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TL, scale=Dh ** -0.5, enable_gqa=True)
-        return self.o_proj(out_BHTDh.transpose(1, 2).reshape(B, T, -1))
+            q_THDh = (q_THDh * scale_T[:, None, None]).to(q_THDh.dtype)
+        out_THDh = backend.attend(self.layer_idx, self.chunk, pos_T, q_THDh, k_THDh, v_THDh)
+        return self.o_proj(out_THDh.flatten(1))

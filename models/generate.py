@@ -16,7 +16,7 @@ from models.model import Llama4TextModel
 def greedy_generate(model: Llama4TextModel, prompt_ids_BT: torch.Tensor, max_new_tokens: int,
                     stop_ids: Sequence[int] = ()) -> torch.Tensor:
     """New token ids [B, <=max_new_tokens]; stops early once every sequence has produced a stop id."""
-    cache = model.new_cache()
+    cache = model.new_cache(prompt_ids_BT.shape[0])
     logits_BTV = model(prompt_ids_BT, cache)
     stop = torch.tensor(list(stop_ids), dtype=torch.long)
     finished_B = torch.zeros(prompt_ids_BT.shape[0], dtype=torch.bool)

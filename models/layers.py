@@ -1,6 +1,6 @@
 """Small building blocks of the Llama 4 text model: norms, SwiGLU MLP, rotary embedding.
 
-Shape legend: B batch, T tokens (new), H query heads, Dh head dim, D hidden, F ffn width.
+Shape legend: T tokens (new, flattened over sequences), H query heads, Dh head dim, D hidden, F ffn width.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions_T: torch.Tensor) -> tuple[tor
     return torch.cos(angles_TF), torch.sin(angles_TF)
 
 
-def apply_rope(x_BTHDh: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_THDh: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
     """Rotate *adjacent* pairs (x[2i], x[2i+1]): Llama 4 uses the complex-number form, not rotate-half."""
-    x = x_BTHDh.float().unflatten(-1, (-1, 2))  # [B, T, H, Dh/2, 2]
+    x = x_THDh.float().unflatten(-1, (-1, 2))  # [T, H, Dh/2, 2]
     a, b = x[..., 0], x[..., 1]
-    cos, sin = cos_TF[None, :, None, :], sin_TF[None, :, None, :]
+    cos, sin = cos_TF[:, None, :], sin_TF[:, None, :]
     out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
-    return out.flatten(-2).type_as(x_BTHDh)
+    return out.flatten(-2).type_as(x_THDh)

@@ -1,6 +1,6 @@
 """The Llama 4 text model in plain torch, single process: the numerical oracle for everything distributed.
 
-Shape legend: B batch, T new tokens, D hidden, V vocabulary.
+Shape legend: B batch, T new tokens (flat over sequences in ``forward_flat``), D hidden, V vocabulary.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.attention import Attention
+from models.attention import Attention, AttentionBackend
 from models.config import Llama4Config
 from models.kv_cache import SimpleKVCache
 from models.layers import RMSNorm, SwiGLU, rope_cos_sin, rope_inv_freq
@@ -26,10 +26,9 @@ class DecoderLayer(nn.Module):
         self.feed_forward = (MoEFeedForward(cfg, layer_idx, experts) if self.is_moe
                              else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp))
 
-    def forward(self, h_BTD, pos_T, rope_TF, cache):
-        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), pos_T, rope_TF, cache)
-        ffn_in_TD = self.post_attention_layernorm(h_BTD).flatten(0, 1)  # the FFN sees a flat batch of tokens
-        return h_BTD + self.feed_forward(ffn_in_TD).view_as(h_BTD)
+    def forward(self, h_TD, pos_T, rope_TF, backend: AttentionBackend):
+        h_TD = h_TD + self.self_attn(self.input_layernorm(h_TD), pos_T, rope_TF, backend)
+        return h_TD + self.feed_forward(self.post_attention_layernorm(h_TD))
 
 
 class Llama4TextModel(nn.Module):
@@ -53,16 +52,27 @@ class Llama4TextModel(nn.Module):
         # Not a buffer: it is derived from the config, never loaded, and stays fp32 whatever the weights are.
         self.inv_freq = rope_inv_freq(cfg)
 
-    def new_cache(self) -> SimpleKVCache:
-        return SimpleKVCache(self.cfg.num_hidden_layers)
+    def new_cache(self, batch: int = 1) -> SimpleKVCache:
+        return SimpleKVCache(self.cfg.num_hidden_layers, batch)
 
     def forward(self, token_ids_BT: torch.Tensor, cache: SimpleKVCache | None = None) -> torch.Tensor:
         """Logits [B, T, V] (fp32 when the weights are) of ``token_ids_BT`` following what ``cache`` holds."""
-        start = cache.length if cache is not None else 0
-        T = token_ids_BT.shape[1]
-        pos_T = torch.arange(start, start + T, device=token_ids_BT.device)
-        rope_TF = rope_cos_sin(self.inv_freq.to(token_ids_BT.device), pos_T)
-        h_BTD = self.embed_tokens(token_ids_BT)
+        B, T = token_ids_BT.shape
+        cache = cache if cache is not None else self.new_cache(B)
+        start = cache.length
+        pos_T = torch.arange(start, start + T, device=token_ids_BT.device).repeat(B)
+        return self.hidden_to_logits(self.forward_flat(token_ids_BT.reshape(-1), pos_T, cache)).unflatten(0, (B, T))
+
+    def forward_flat(self, token_ids_T: torch.Tensor, pos_T: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        """Final hidden states [T, D] of a flat batch of tokens from any number of sequences.
+
+        ``pos_T`` are absolute positions; ``backend`` knows which sequence each token belongs to.
+        """
+        rope_TF = rope_cos_sin(self.inv_freq.to(token_ids_T.device), pos_T)
+        h_TD = self.embed_tokens(token_ids_T)
         for layer in self.layers:
-            h_BTD = layer(h_BTD, pos_T, rope_TF, cache)
-        return self.lm_head(self.norm(h_BTD))
+            h_TD = layer(h_TD, pos_T, rope_TF, backend)
+        return h_TD
+
+    def hidden_to_logits(self, h_TD: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h_TD))

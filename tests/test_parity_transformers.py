@@ -17,7 +17,10 @@ from models.loading import load_model  # noqa: E402
 from models.presets import preset_config  # noqa: E402
 
 FP32_ATOL = 1e-4
-BF16_ATOL = 0.15  # measured max |diff| ~0.05-0.1 on logits of std ~1 (bf16 has 8 mantissa bits)
+# bf16 (8 mantissa bits): measured max |ours - transformers| 0.06 (scout_like), 0.06 (maverick_like), 0.61
+# (long_chunks_top2, 94 positions x 8 layers) on logits of std ~1.0; transformers' own bf16 run is 0.06-0.68 away
+# from fp32. We require being no further from transformers than transformers' bf16 is from fp32 (+25%).
+BF16_ATOL = 0.75
 NEW_TOKENS = 40
 
 
@@ -74,8 +77,11 @@ def _prompts(case: Case, vocab: int) -> torch.Tensor:
 
 
 def _hf_greedy(hf, prompt_BT: torch.Tensor) -> torch.Tensor:
-    gen_cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                            eos_token_id=None, pad_token_id=2, use_cache=True)
+    # No stop token on either side: the checkpoint's generation_config.json names eos ids, and transformers
+    # would merge them in (a None here does not override them), so clear them on the model itself.
+    hf.generation_config.eos_token_id = None
+    gen_cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None,
+                                            pad_token_id=2, use_cache=True)
     with torch.inference_mode():
         out = hf.generate(prompt_BT, attention_mask=torch.ones_like(prompt_BT), generation_config=gen_cfg)
     return out[:, prompt_BT.shape[1]:]
@@ -84,6 +90,8 @@ def _hf_greedy(hf, prompt_BT: torch.Tensor) -> torch.Tensor:
 def test_fp32_logits_match_every_position(case_dir):
     case, path = case_dir
     ours, hf = load_model(path), _hf_model(case, path)
+    if case.overrides.get("rope_scaling"):  # the oracle really applies the same RoPE scaling
+        assert hf.config.get_text_config().rope_parameters["rope_type"] == "llama3"
     prompt = _prompts(case, ours.cfg.vocab_size)
     with torch.inference_mode():
         ours_logits = ours(prompt)
@@ -105,7 +113,7 @@ def test_greedy_continuations_identical_and_decode_logits_match(case_dir):
     full = torch.cat([prompt, ours_new], dim=1)
     with torch.inference_mode():
         hf_logits = hf(input_ids=full).logits
-        cache = ours.new_cache()
+        cache = ours.new_cache(full.shape[0])
         steps = [ours(full[:, :case.prompt_len], cache)]
         steps += [ours(full[:, t:t + 1], cache) for t in range(case.prompt_len, full.shape[1])]
     diff = (torch.cat(steps, dim=1) - hf_logits).abs().max().item()
@@ -117,5 +125,9 @@ def test_bf16_logits_within_stated_tolerance(case_dir):
     ours, hf = load_model(path, dtype=torch.bfloat16), _hf_model(case, path, dtype=torch.bfloat16)
     prompt = _prompts(case, ours.cfg.vocab_size)
     with torch.inference_mode():
-        diff = (ours(prompt).float() - hf(input_ids=prompt).logits.float()).abs().max().item()
+        ours_bf16, hf_bf16 = ours(prompt).float(), hf(input_ids=prompt).logits.float()
+        fp32 = load_model(path)(prompt)
+    diff = (ours_bf16 - hf_bf16).abs().max().item()
+    hf_rounding = (hf_bf16 - fp32).abs().max().item()
     assert diff < BF16_ATOL, f"{case.name}: bf16 max |logit diff| {diff:.3f}"
+    assert diff <= 1.25 * hf_rounding + 0.05, f"{case.name}: {diff:.3f} vs transformers' own bf16 error {hf_rounding:.3f}"
