@@ -50,8 +50,8 @@ def main() -> None:
                                                                  attn_implementation="sdpa").eval()
     cfg = ours.cfg
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    gen_cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=args.new_tokens,
-                                            min_new_tokens=args.new_tokens, eos_token_id=None,
+    hf.generation_config.eos_token_id = None  # neither side stops early: both generate exactly --new-tokens
+    gen_cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=args.new_tokens, eos_token_id=None,
                                             pad_token_id=cfg.pad_token_id, use_cache=True)
 
     def run_ours():

@@ -44,7 +44,7 @@ class IncrementalDetokenizer:
                  stop: Sequence[str] = (), skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
-        self._stops = tuple(stop)
+        self._stops = (stop,) if isinstance(stop, str) else tuple(stop)
         if not all(self._stops):
             raise ValueError("stop strings must be non-empty")
         self._tokens = list(prompt_ids)[-PROMPT_CONTEXT_TOKENS:]

@@ -323,7 +323,7 @@ class Sampler:
         logits_RV = logits_RV / _row_values(params, "temperature", device)
         top_k_R = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
         top_p_R = _row_values(params, "top_p", device)[:, 0]
-        if bool((top_k_R < vocab).any() or (top_p_R < 1).any()):
+        if bool((top_k_R < vocab).any()) or bool((top_p_R < 1).any()):
             logits_RV = apply_top_k_top_p(logits_RV, top_k_R, top_p_R)
         min_p_R = _row_values(params, "min_p", device)[:, 0]
         if bool((min_p_R > 0).any()):
