@@ -14,10 +14,14 @@ import torch.nn.functional as F
 
 
 def attention_mask(q_pos_T: torch.Tensor, k_pos_L: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """Boolean [T, L]: causal, and for chunked layers only keys in the query's own chunk."""
-    allowed_TL = k_pos_L[None, :] <= q_pos_T[:, None]
+    """Boolean [..., T, L]: causal, and for chunked layers only keys in the query's own chunk.
+
+    Leading dims broadcast (e.g. q [S, 1] and k [S, L] give [S, 1, L] for a batch of decodes).
+    """
+    q, k = q_pos_T[..., :, None], k_pos_L[..., None, :]
+    allowed_TL = k <= q
     if chunk is not None:
-        allowed_TL &= (k_pos_L[None, :] // chunk) == (q_pos_T[:, None] // chunk)
+        allowed_TL = allowed_TL & ((k // chunk) == (q // chunk))
     return allowed_TL
 
 
