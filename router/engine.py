@@ -65,8 +65,10 @@ class Engine:
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request, or raise ``InvalidRequestError`` / ``OverloadedError`` without queueing it."""
         self._validate(request)
+        context = request.prompt_ids + request.output_prefix  # the detokenizer continues after the prefix
         seq = Sequence(request=request, seed=request_seed(request.params), arrival=next(self._arrivals),
-                       detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_ids, request.params.stop))
+                       detokenizer=IncrementalDetokenizer(self.tokenizer, context, request.params.stop),
+                       output_ids=list(request.output_prefix))
         self.scheduler.add(seq)
         self.sequences[request.request_id] = seq
 
@@ -76,9 +78,13 @@ class Engine:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         if not prompt:
             raise InvalidRequestError("the prompt is empty: at least one token is needed")
-        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
+        for name, ids in (("prompt", prompt), ("output_prefix", request.output_prefix)):
+            bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
+            if bad:
+                raise InvalidRequestError(f"{name} token ids must be in [0, {vocab}); got {bad[:5]}")
+        if len(request.output_prefix) >= params.max_tokens:
+            raise InvalidRequestError(f"output_prefix ({len(request.output_prefix)} tokens) leaves nothing of "
+                                      f"max_tokens ({params.max_tokens}) to generate")
         try:
             params.validate(vocab)
         except SamplingParamsError as e:

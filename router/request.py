@@ -25,6 +25,9 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     deadline: float | None = None  # time.monotonic() after which the request is cut off
+    # Tokens this request already produced elsewhere (a stream resumed on another replica): recomputed, not
+    # re-emitted, and counted in max_tokens, so the continuation is exactly what the first run would have given.
+    output_prefix: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ class Scheduler:
         self.max_num_seqs, self.max_tokens_per_step, self.max_waiting = max_num_seqs, max_tokens_per_step, max_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_waiting:
@@ -97,6 +98,7 @@ class Scheduler:
         self.blocks.free(seq.request_id)
         seq.num_computed = 0  # recompute prompt + outputs so far when readmitted
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)  # it was admitted before everyone still waiting
 

@@ -1,0 +1,245 @@
+"""The router engine against the foundation model: continuous batching, preemption, sampling, stops, limits."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from models.checkpoint_writer import make_checkpoint
+from models.generate import greedy_generate
+from models.loading import load_model
+from models.tokenizer import Tokenizer
+from router.async_engine import AsyncEngine
+from router.engine import Engine, EngineConfig
+from router.request import GenerationRequest, InvalidRequestError, OverloadedError
+from router.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+# tiny preset: 4 layers (3 chunked with chunk 16, 1 global), 2 KV heads x 16 dims, fp32, block 4 tokens:
+BLOCK_BYTES = 4 * 2 * 16 * 4 * 2
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", seed=5)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_model(ckpt)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(ckpt):
+    return Tokenizer.from_dir(ckpt)
+
+
+def _engine(model, tokenizer, blocks=4096, **kw):
+    cfg = dict(kv_cache_bytes=blocks * BLOCK_BYTES, block_size=4, max_tokens_per_step=24, max_num_seqs=16)
+    return Engine(model, tokenizer, EngineConfig(**{**cfg, **kw}))
+
+
+def _prompts(n, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randint(3, 400, (lengths[i % len(lengths)],), generator=g).tolist()) for i in range(n)]
+
+
+def _run(engine, requests, join_at=None):
+    """Step until idle; ``join_at`` maps step number -> requests added before that step. Returns id -> tokens."""
+    out, join_at = {}, dict(join_at or {})
+    for r in requests:
+        engine.add_request(r)
+    step = 0
+    while engine.has_work() or join_at:
+        for r in join_at.pop(step, []):
+            engine.add_request(r)
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+        step += 1
+    return out
+
+
+def _alone(model, prompt, n):
+    return greedy_generate(model, torch.tensor([prompt]), n)[0].tolist()
+
+
+def test_mixed_batch_with_late_joins_and_preemption_matches_running_alone(model, tokenizer):
+    prompts = _prompts(7, [5, 40, 17, 61, 3, 33, 9])
+    reqs = [GenerationRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
+    # 60 blocks: not enough for everyone at once, so the newest get preempted and recomputed.
+    engine = _engine(model, tokenizer, blocks=60)
+    out = _run(engine, reqs[:3], join_at={2: reqs[3:5], 6: reqs[5:]})
+    assert engine.scheduler.num_preemptions > 0
+    for r in reqs:
+        assert out[r.request_id] == _alone(model, list(r.prompt_ids), GREEDY.max_tokens), r.request_id
+    assert engine.blocks.num_free == engine.blocks.num_blocks  # every block came back
+
+
+def test_seeded_sampling_same_in_any_batch_and_after_replay(model, tokenizer):
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=20, ignore_eos=True,
+                            repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.2)
+    prompt = _prompts(1, [12], seed=3)[0]
+    alone = _run(_engine(model, tokenizer), [GenerationRequest("x", prompt, params)])["x"]
+    others = [GenerationRequest(f"o{i}", p, SamplingParams(temperature=1.0, seed=i, max_tokens=30))
+              for i, p in enumerate(_prompts(5, [7, 30, 2], seed=9))]
+    batched = _run(_engine(model, tokenizer), others[:2] + [GenerationRequest("x", prompt, params)],
+                   join_at={3: others[2:]})["x"]
+    assert batched == alone
+    # A stream resumed from the middle (as on another replica) continues exactly as it would have.
+    resumed = _run(_engine(model, tokenizer), [GenerationRequest("x", prompt, params, output_prefix=tuple(alone[:8]))])
+    assert resumed["x"] == alone[8:]
+    # A different seed gives a different stream (the seed is really used).
+    other_seed = SamplingParams(**{**params.__dict__, "seed": 99})
+    assert _run(_engine(model, tokenizer), [GenerationRequest("x", prompt, other_seed)])["x"] != alone
+
+
+def test_chunked_prefill_keeps_decodes_going(model, tokenizer):
+    engine = _engine(model, tokenizer, max_tokens_per_step=8)
+    engine.add_request(GenerationRequest("short", (5, 6, 7), GREEDY))
+    engine.step()  # prefill of the short one
+    engine.add_request(GenerationRequest("long", _prompts(1, [60])[0], GREEDY))
+    for _ in range(8):  # the 60-token prompt needs 9 steps at 7 prefill tokens per step
+        got = {o.request_id for o in engine.step()}
+        assert "short" in got  # one token for the running stream in every step
+        assert "long" not in got
+    assert engine.sequences["long"].num_computed < 60
+
+
+def test_chunked_layers_hold_one_chunk(model, tokenizer):
+    engine = _engine(model, tokenizer, max_tokens_per_step=64)
+    engine.add_request(GenerationRequest("a", _prompts(1, [50])[0], SamplingParams(temperature=0, max_tokens=60,
+                                                                                 ignore_eos=True)))
+    peak = 0
+    while engine.has_work():
+        engine.step()
+        if "a" in engine.sequences:
+            tables = engine.blocks.chunked_tables("a")
+            peak = max(peak, max(sum(b is not None for b in t) for t in tables))
+            n = engine.blocks.num_tokens("a")
+            assert all(len(t) == -(-n // 4) for t in engine.blocks.global_tables("a"))  # global keeps all
+    assert peak <= 16 // 4 + 1  # chunk 16, block 4: one chunk of blocks (+1 while a step crosses into the next)
+
+
+def test_abort_and_errors_never_leak_blocks(model, tokenizer):
+    engine = _engine(model, tokenizer, blocks=60)
+    reqs = [GenerationRequest(f"r{i}", p, SamplingParams(temperature=0.7, seed=i, max_tokens=16))
+            for i, p in enumerate(_prompts(12, [4, 25, 11]))]
+    for r in reqs[:6]:
+        engine.add_request(r)
+    for step in range(30):
+        if step == 3:
+            engine.abort("r1")
+            engine.abort("r4")
+            assert engine.abort("nope") is None
+        if step == 5:
+            for r in reqs[6:]:
+                engine.add_request(r)
+        if step == 9:
+            finals = engine.fail_all("injected failure")
+            assert finals and all(o.finish_reason == "error" for o in finals)
+        engine.step()
+    while engine.has_work():
+        engine.step()
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_stops(model, tokenizer):
+    prompt = _prompts(1, [6], seed=4)[0]
+    first = _run(_engine(model, tokenizer), [GenerationRequest("a", prompt, GREEDY)])["a"]
+    text = tokenizer.decode(first, skip_special_tokens=True)  # what the stream emits
+    # stop token id: finish on it, and the id is reported
+    stop_id = first[5]
+    out = list(_run(_engine(model, tokenizer), [GenerationRequest(
+        "b", prompt, SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(stop_id,)))])["b"])
+    assert out == first[:first.index(stop_id) + 1]
+    # stop string across token boundaries: the text stops right before it, the stop string is not emitted
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    if stop.strip():
+        engine = _engine(model, tokenizer)
+        engine.add_request(GenerationRequest("c", prompt, SamplingParams(temperature=0, max_tokens=24, stop=(stop,))))
+        pieces, reason = [], None
+        while engine.has_work():
+            for o in engine.step():
+                pieces.append(o.text_delta)
+                reason = o.finish_reason or reason
+        assert reason == "stop"
+        assert "".join(pieces) == text[:text.index(stop)]
+    # max_tokens: finish_reason "length" and exactly that many tokens
+    engine = _engine(model, tokenizer)
+    engine.add_request(GenerationRequest("d", prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)))
+    outs = [o for _ in range(10) for o in engine.step()]
+    assert sum(len(o.token_ids) for o in outs) == 5 and outs[-1].finish_reason == "length"
+    assert outs[-1].usage.prompt_tokens == len(prompt) and outs[-1].usage.completion_tokens == 5
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda: GenerationRequest("e", (), GREEDY), "prompt is empty"),
+    (lambda: GenerationRequest("e", (1, 10 ** 6), GREEDY), "token ids must be in [0, "),
+    (lambda: GenerationRequest("e", (5,) * 4090, GREEDY), "context length of 4096"),
+    (lambda: GenerationRequest("e", (1, 2), SamplingParams(max_tokens=4095)), "exceeds the context length"),
+    (lambda: GenerationRequest("e", (1, 2), SamplingParams(stop_token_ids=(10 ** 6,))), "stop_token_ids"),
+    (lambda: GenerationRequest("e", (1, 2), GREEDY, output_prefix=(3,) * 24), "leaves nothing"),
+])
+def test_bad_requests_refused_with_the_limit(model, tokenizer, make, needle):
+    engine = _engine(model, tokenizer)
+    with pytest.raises(InvalidRequestError) as err:
+        engine.add_request(make())
+    assert needle in str(err.value)
+    assert not engine.has_work()
+
+
+def test_refuses_what_could_never_fit_and_overload(model, tokenizer):
+    engine = _engine(model, tokenizer, blocks=20)
+    with pytest.raises(InvalidRequestError, match="needs .* KV blocks but the cache holds only 20"):
+        engine.add_request(GenerationRequest("big", tuple(range(3, 203)), GREEDY))
+    engine = _engine(model, tokenizer, max_waiting=2)
+    engine.add_request(GenerationRequest("a", (1, 2), GREEDY))
+    engine.add_request(GenerationRequest("b", (1, 2), GREEDY))
+    with pytest.raises(OverloadedError, match="overloaded"):
+        engine.add_request(GenerationRequest("c", (1, 2), GREEDY))
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request(GenerationRequest("a", (1, 2), GREEDY))
+    _run(engine, [])  # and it keeps serving
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_async_stream_cancel_and_deadline(model, tokenizer):
+    async def main():
+        aengine = AsyncEngine(_engine(model, tokenizer))
+        try:
+            prompt = _prompts(1, [8])[0]
+            texts, tokens = [], []
+            async for o in aengine.generate(GenerationRequest("s", prompt, GREEDY)):
+                tokens += o.token_ids
+                texts.append(o.text_delta)
+            assert tokens == _alone(model, list(prompt), GREEDY.max_tokens)
+            assert "".join(texts) == tokenizer.decode(tokens, skip_special_tokens=True)
+            # a consumer that goes away mid-stream: the work stops and the blocks come back
+            long = SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True)
+            stream = aengine.generate(GenerationRequest("c", prompt, long))
+            async for _ in stream:
+                break
+            await stream.aclose()
+            await asyncio.sleep(0.2)
+            assert await aengine.call(lambda: ("c" not in aengine.engine.sequences,
+                                               aengine.engine.blocks.num_free == aengine.engine.blocks.num_blocks)) \
+                == (True, True)
+            # a deadline that passes: finish_reason "deadline", blocks freed
+            last = None
+            async for o in aengine.generate(GenerationRequest("d", prompt, long, deadline=time.monotonic() + 0.3)):
+                last = o
+            assert last.finish_reason == "deadline"
+            assert await aengine.call(lambda: aengine.engine.blocks.num_free) == aengine.engine.blocks.num_blocks
+            # a refused request raises before any output, and the engine keeps serving
+            with pytest.raises(InvalidRequestError):
+                async for _ in aengine.generate(GenerationRequest("x", (), GREEDY)):
+                    pass
+            n = 0
+            async for o in aengine.generate(GenerationRequest("y", prompt, GREEDY)):
+                n += len(o.token_ids)
+            assert n == GREEDY.max_tokens
+        finally:
+            aengine.shutdown()
+
+    asyncio.run(main())
