@@ -54,25 +54,32 @@ def _make_checkpoint(args) -> int:
 
 
 def _generate(args) -> int:
+    # Arguments are checked before torch is imported (seconds), so bad input fails fast.
+    from models.config import load_config
+    from models.tokenizer import Tokenizer
+
+    if args.max_tokens <= 0:
+        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    checkpoint = args.checkpoint or _default_checkpoint()
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {checkpoint} does not exist")
+    cfg = load_config(checkpoint)
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    if args.prompt_ids is not None:
+        prompt_ids = _parse_ids(args.prompt_ids, cfg.vocab_size)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt if args.prompt is not None else "Hello, world")
+    limit = cfg.max_position_embeddings
+    if len(prompt_ids) + args.max_tokens > limit:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens ({args.max_tokens}) exceeds the "
+                         f"model's context of {limit} tokens")
+
     import torch
 
     from models.generate import greedy_generate
     from models.loading import load_model
-    from models.tokenizer import Tokenizer
 
-    checkpoint = args.checkpoint or _default_checkpoint()
-    if args.max_tokens <= 0:
-        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
-    tokenizer = Tokenizer.from_dir(checkpoint)
     model = load_model(checkpoint)
-    if args.prompt_ids is not None:
-        prompt_ids = _parse_ids(args.prompt_ids, model.cfg.vocab_size)
-    else:
-        prompt_ids = tokenizer.encode(args.prompt if args.prompt is not None else "Hello, world")
-    limit = model.cfg.max_position_embeddings
-    if len(prompt_ids) + args.max_tokens > limit:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens ({args.max_tokens}) exceeds the "
-                         f"model's context of {limit} tokens")
     new_ids = greedy_generate(model, torch.tensor([prompt_ids]), args.max_tokens, tokenizer.eos_token_ids)[0].tolist()
     text = tokenizer.decode(new_ids)
     if args.json:
