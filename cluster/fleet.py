@@ -77,3 +77,11 @@ def start_fleet(spec: FleetSpec, name: str = FLEET_NAME, namespace: str | None =
 def placement_of(view: tuple[dict, list]) -> tuple[Placement, list]:
     placement_dict, shards = view
     return Placement.from_dict(placement_dict), shards
+
+
+def stop_fleet(fleet) -> None:
+    """Kill the shards and the (detached) fleet actor."""
+    _, shards = ray.get(fleet.router_view.remote())
+    for shard in shards:
+        ray.kill(shard)
+    ray.kill(fleet)
