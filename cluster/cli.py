@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("--seed", type=int, default=0)
     mk.set_defaults(run=_make_checkpoint)
 
-    gen = sub.add_parser("generate", help="generate with the single-process model (greedy)")
+    gen = sub.add_parser("generate", help="generate (greedy): single process, or through expert shards on Ray")
     gen.add_argument("--checkpoint", type=Path, default=None,
                      help=f"checkpoint directory (default: {DEFAULT_CHECKPOINT}, made if missing)")
     prompt = gen.add_mutually_exclusive_group()
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     prompt.add_argument("--prompt-ids", default=None, help="comma-separated prompt token ids, e.g. 1,2,3")
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."}')
+    gen.add_argument("--shards", type=int, default=0,
+                     help="run the experts on N expert-shard actors of a local Ray cluster (0: in process)")
+    gen.add_argument("--nodes", type=int, default=2, help="simulated Ray nodes the shards spread over")
     gen.set_defaults(run=_generate)
 
     params = sub.add_parser("params", help="total and active parameters of a config.json (meta device)")
@@ -60,6 +63,8 @@ def _generate(args) -> int:
 
     if args.max_tokens <= 0:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if args.shards < 0 or args.shards and args.nodes < 1:
+        raise ValueError(f"--shards must be >= 0 and --nodes >= 1, got {args.shards} and {args.nodes}")
     checkpoint = args.checkpoint or _default_checkpoint()
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint directory {checkpoint} does not exist")
@@ -79,14 +84,44 @@ def _generate(args) -> int:
     from models.generate import greedy_generate
     from models.loading import load_model
 
-    model = load_model(checkpoint)
-    new_ids = greedy_generate(model, torch.tensor([prompt_ids]), args.max_tokens, tokenizer.eos_token_ids)[0].tolist()
-    text = tokenizer.decode(new_ids)
+    def run(model) -> list[int]:
+        return greedy_generate(model, torch.tensor([prompt_ids]), args.max_tokens, tokenizer.eos_token_ids)[0].tolist()
+
+    new_ids = _with_shards(checkpoint, cfg, args.shards, args.nodes, run) if args.shards else run(load_model(checkpoint))
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"token_ids": new_ids, "text": text}))
     else:
         print(text)
     return 0
+
+
+def _with_shards(checkpoint: Path, cfg, num_shards: int, num_nodes: int, run):
+    """Start a local Ray cluster of simulated nodes and an expert fleet, run ``run(model)``, tear all down."""
+    import torch
+
+    from cluster.fleet import FleetSpec, start_fleet, stop_fleet
+    from cluster.local_cluster import start_local_cluster
+    from models.loading import load_model
+    from router.fleet_client import connect_experts
+
+    num_expert_slots = cfg.num_local_experts * len(cfg.moe_layers)
+    if num_shards > num_expert_slots:
+        raise ValueError(f"--shards {num_shards} exceeds the {num_expert_slots} (layer, expert) pairs to place")
+    print(f"starting a local Ray cluster of {num_nodes} simulated nodes and {num_shards} expert shards ...",
+          file=sys.stderr)
+    cluster = start_local_cluster(num_nodes)
+    try:
+        fleet = start_fleet(FleetSpec(checkpoint=str(checkpoint.resolve()), num_shards=num_shards,
+                                      node_ids=tuple(cluster.node_ids), shard_cpus=0.05))
+        experts = connect_experts(fleet, cfg.hidden_size, torch.float32)
+        try:
+            return run(load_model(checkpoint, experts=experts))
+        finally:
+            experts.close()
+            stop_fleet(fleet)
+    finally:
+        cluster.shutdown()
 
 
 def _params(args) -> int:

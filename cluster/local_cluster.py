@@ -28,5 +28,5 @@ def start_local_cluster(num_nodes: int, cpus_per_node: float = 2) -> LocalCluste
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     nodes = [cluster.add_node(num_cpus=cpus_per_node, resources={f"moe_node_{i}": 1}) for i in range(num_nodes)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
+    ray.init(address=cluster.address, namespace="moe-serve", logging_level="warning", log_to_driver=False)
     return LocalCluster(cluster, [n.node_id for n in nodes])

@@ -81,6 +81,8 @@ def runs(work, home) -> dict[str, subprocess.CompletedProcess]:
         "prompt": ["generate", "--checkpoint", ckpt, "--prompt", "Hello", "--max-tokens", "8", "--json"],
         "prompt_ids": ["generate", "--checkpoint", ckpt, "--prompt-ids", "1,2,3", "--json"],
         "bad:pickle_checkpoint": ["generate", "--checkpoint", work / "pickle_only", "--prompt", "Hi"],
+        "shards": ["generate", "--checkpoint", ckpt, "--prompt-ids", "1,2,3", "--max-tokens", "8", "--json",
+                   "--shards", "2", "--nodes", "2"],
     }
     for name, args in BAD_INPUTS.items():
         if args is not None and "--checkpoint" not in args:
@@ -129,7 +131,7 @@ def test_generate_prompt_json_matches_in_process_greedy(runs, checkpoint, model)
     eos = tok.eos_token_ids
     assert 1 <= len(ids) <= 8
     assert len(ids) == 8 or ids[-1] in eos  # fewer than asked only when a stop id came
-    assert isinstance(out["text"], str) and out["text"] == tok.decode(ids)
+    assert isinstance(out["text"], str) and out["text"] == tok.decode(ids, skip_special_tokens=True)
     prompt = torch.tensor([tok.encode("Hello")])
     expected = greedy_generate(model, prompt, 8, eos)[0].tolist()
     assert ids == expected
@@ -140,9 +142,16 @@ def test_generate_prompt_ids(runs, checkpoint, model):
     ids = out["token_ids"]
     assert 1 <= len(ids) <= 32  # the default --max-tokens
     tok = Tokenizer.from_dir(checkpoint)
-    assert out["text"] == tok.decode(ids)
+    assert out["text"] == tok.decode(ids, skip_special_tokens=True)
     expected = greedy_generate(model, torch.tensor([[1, 2, 3]]), 32, tok.eos_token_ids)
     assert ids == expected[0].tolist()
+
+
+def test_generate_through_expert_shards_on_ray(runs, checkpoint, model):
+    """`--shards 2 --nodes 2`: a local Ray cluster, two expert-shard actors, the same greedy tokens."""
+    out = json.loads(_ok(runs["shards"]).stdout)
+    tok = Tokenizer.from_dir(checkpoint)
+    assert out["token_ids"] == greedy_generate(model, torch.tensor([[1, 2, 3]]), 8, tok.eos_token_ids)[0].tolist()
 
 
 def test_generate_without_checkpoint_makes_the_default(runs, home):
