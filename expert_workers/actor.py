@@ -40,7 +40,7 @@ class ExpertShardActor:
 
         def run():
             group = join(rendezvous, rank, ray.util.get_node_ip_address(), timeout_s=SHARD_IDLE_TIMEOUT_S)
-            serve_group(self.shard, group, self.hidden, self.dtype, self.rows_served, stop)
+            serve_group(self.shard, group, self.hidden, self.dtype, self.rows_served, stop, self.device)
 
         thread = threading.Thread(target=run, name=f"group-{rendezvous.group_id}", daemon=True)
         self._groups[rendezvous.group_id] = (thread, stop)

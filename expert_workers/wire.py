@@ -14,9 +14,10 @@ OP_EXPERTS = 1  # run the experts of ``layer`` on the rows that follow
 OP_CLOSE = 2  # the router leaves the group
 
 
-def header(op: int, layer: int, n_rows: int) -> torch.Tensor:
-    return torch.tensor([op, layer, n_rows], dtype=torch.int64)
+def header(op: int, layer: int, n_rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    # On the device the group's backend moves (NCCL sends only CUDA tensors; gloo only CPU ones).
+    return torch.tensor([op, layer, n_rows], dtype=torch.int64, device=device)
 
 
-def empty_header() -> torch.Tensor:
-    return torch.empty(3, dtype=torch.int64)
+def empty_header(device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.empty(3, dtype=torch.int64, device=device)

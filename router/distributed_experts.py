@@ -65,7 +65,7 @@ class DistributedExperts(ExpertSeam):
         sends, recvs = [], []
         for shard, n in enumerate(counts_N):
             rank = shard + 1
-            sends.append(self.group.send(header(OP_EXPERTS, layer_idx, n), rank))  # even when n == 0
+            sends.append(self.group.send(header(OP_EXPERTS, layer_idx, n, self.device), rank))  # even when n == 0
             if n:
                 sends.append(self.group.send(rows_by_shard[shard].contiguous(), rank))
                 sends.append(self.group.send(local_by_shard[shard].contiguous(), rank))
@@ -89,7 +89,7 @@ class DistributedExperts(ExpertSeam):
         """Leave the group: every shard's loop for this router ends."""
         try:
             for shard in range(self.placement.num_shards):
-                self.group.send(header(OP_CLOSE, 0, 0), shard + 1).wait()
+                self.group.send(header(OP_CLOSE, 0, 0, self.device), shard + 1).wait()
         except RuntimeError:
             pass  # a dead shard has nothing to close
         self.group.close()
