@@ -26,6 +26,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = threading.Event()
+        self.step_error: str | None = None  # set when a step failed (e.g. an expert shard stopped answering)
         self._thread = threading.Thread(target=self._loop, name="moe-serve-engine", daemon=True)
         self._thread.start()
 
@@ -95,6 +96,7 @@ class AsyncEngine:
             return self.engine.step()
         except Exception as e:  # a failed step must not leave streams hanging or blocks allocated
             log.exception("engine step failed")
+            self.step_error = f"{type(e).__name__}: {e}"
             return self.engine.fail_all(f"internal error during generation: {type(e).__name__}")
 
     def _deliver(self, outputs: list[GenerationOutput]) -> None:
