@@ -33,7 +33,23 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--shards", type=int, default=0,
                      help="run the experts on N expert-shard actors of a local Ray cluster (0: in process)")
     gen.add_argument("--nodes", type=int, default=2, help="simulated Ray nodes the shards spread over")
+    gen.add_argument("--endpoint", default=None, help="HOST:PORT of a running `moe-serve up`: be its gRPC client")
     gen.set_defaults(run=_generate)
+
+    upp = sub.add_parser("up", help="start the service (gRPC + OpenAI HTTP) on a local or existing Ray cluster")
+    upp.add_argument("--checkpoint", type=Path, default=None,
+                     help=f"checkpoint directory (default: {DEFAULT_CHECKPOINT}, made if missing)")
+    upp.add_argument("--routers", type=int, default=1, help="router replicas to start with")
+    upp.add_argument("--max-routers", type=int, default=None, help="autoscaling ceiling for router replicas")
+    upp.add_argument("--shards", type=int, default=2, help="expert-shard actors (0: experts inside the routers)")
+    upp.add_argument("--nodes", type=int, default=2, help="simulated nodes of the embedded local Ray cluster")
+    upp.add_argument("--address", default=None, help="deploy onto an existing Ray cluster instead")
+    upp.add_argument("--host", default="127.0.0.1")
+    upp.add_argument("--grpc-port", type=int, default=9000)
+    upp.add_argument("--http-port", type=int, default=8000)
+    upp.add_argument("--demo", default=None, metavar="PROMPT",
+                     help="stream one answer to PROMPT over gRPC once serving, then shut down")
+    upp.set_defaults(run=_up)
 
     params = sub.add_parser("params", help="total and active parameters of a config.json (meta device)")
     params.add_argument("config", type=Path)
@@ -63,6 +79,8 @@ def _generate(args) -> int:
 
     if args.max_tokens <= 0:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if args.endpoint:
+        return _generate_remote(args)
     if args.shards < 0 or args.shards and args.nodes < 1:
         raise ValueError(f"--shards must be >= 0 and --nodes >= 1, got {args.shards} and {args.nodes}")
     checkpoint = args.checkpoint or _default_checkpoint()
@@ -94,6 +112,30 @@ def _generate(args) -> int:
     else:
         print(text)
     return 0
+
+
+def _generate_remote(args) -> int:
+    import grpc
+
+    from cluster.grpc_client import stream_generate
+
+    prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else (args.prompt or "Hello, world")
+    try:
+        stream_generate(args.endpoint, prompt, args.max_tokens, sys.stdout, as_json=args.json)
+    except grpc.RpcError as e:  # the server's status and message, nothing more
+        print(f"moe-serve generate: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _up(args) -> int:
+    from cluster.serve_up import up
+
+    if args.routers < 1 or args.shards < 0 or args.nodes < 1:
+        raise ValueError(f"need --routers >= 1, --shards >= 0, --nodes >= 1; got {args.routers}, {args.shards}, "
+                         f"{args.nodes}")
+    args.checkpoint = args.checkpoint or _default_checkpoint()
+    return up(args)
 
 
 def _with_shards(checkpoint: Path, cfg, num_shards: int, num_nodes: int, run):

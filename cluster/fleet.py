@@ -62,6 +62,20 @@ class ExpertFleet:
         return {"epoch": self.placement.epoch, "num_shards": len(self.shards), "shards": self.shard_info,
                 "start_seconds": self.start_seconds}
 
+    def dead_shards(self, timeout_s: float = 5.0) -> list[int]:
+        """Shards that do not answer a ping within ``timeout_s`` (dead or hung)."""
+        refs = [s.groups.remote() for s in self.shards]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        dead = []
+        for shard_id, ref in enumerate(refs):
+            try:
+                if ref not in ready:
+                    raise TimeoutError
+                ray.get(ref)
+            except Exception:
+                dead.append(shard_id)
+        return dead
+
     def stats(self) -> list[dict]:
         return ray.get([s.stats.remote() for s in self.shards])
 

@@ -1,0 +1,1 @@
+"""moe-serve public API protos (generated stubs under versioned subpackages)."""

@@ -1,0 +1,36 @@
+"""Configuration of the serving app (router replicas and ingress), validated where it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    checkpoint: str
+    model_name: str = ""  # what clients name in requests; defaults to the checkpoint folder's name
+    fleet_name: str | None = None  # the expert fleet actor; None: every expert inside the router
+    fleet_namespace: str = "moe-serve"
+    dtype: str = "float32"
+    kv_cache_bytes: int = 256 << 20
+    max_num_seqs: int = 64
+    max_tokens_per_step: int = 512
+    max_waiting: int = 64  # queued beyond this per router -> RESOURCE_EXHAUSTED / HTTP 429
+    exchange_timeout_s: float = 30.0
+    max_request_bytes: int = 4 << 20
+
+    def __post_init__(self):
+        if not (Path(self.checkpoint) / "config.json").is_file():
+            raise ValueError(f"checkpoint={self.checkpoint!r}: no config.json there")
+        if not self.model_name:
+            object.__setattr__(self, "model_name", Path(self.checkpoint).resolve().name)
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+        for name in ("kv_cache_bytes", "max_num_seqs", "max_tokens_per_step", "max_waiting", "max_request_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
