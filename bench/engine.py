@@ -205,7 +205,8 @@ def main() -> None:
           f"top-{cfg.num_experts_per_tok}, MoE layers {list(cfg.moe_layers)}, hidden {cfg.hidden_size}, "
           f"expert ffn {cfg.intermediate_size}), fp32")
     print(f"workload: batches {batches}, prompt {P} random tokens (seeded), {N} greedy new tokens, ignore_eos; "
-          f"best of {args.repeats} after a warm-up (other processes may share the machine)")
+          f"best of {args.repeats} after a warm-up (other processes may share the machine; 1-min load average "
+          f"at start {os.getloadavg()[0]:.2f})")
 
     hf = gen_cfg = None
     if not args.skip_transformers:
@@ -253,7 +254,8 @@ def main() -> None:
                 print(f"  MISMATCH B={B}: {B - sum(same)} of {B} requests differ; request {first_bad} first "
                       f"differs at new token {pos}: ours {a[pos]} vs transformers {b[pos]}")
         rows.append(row)
-        print(f"  B={B:3d} done ({time.perf_counter() - t_start:.0f} s elapsed)", flush=True)
+        print(f"  B={B:3d} done ({time.perf_counter() - t_start:.0f} s elapsed, load average "
+              f"{os.getloadavg()[0]:.2f})", flush=True)
 
     print()
     print("### Throughput (tokens/s; prefill = B*P prompt tokens, decode = (N-1)*B tokens)")
@@ -333,7 +335,8 @@ def main() -> None:
             print(f"| {name} | {chunk}{note} | {bounded / 2**20:.1f} MiB | {full / 2**20:.1f} MiB | "
                   f"{(full - bounded) / 2**20:.1f} MiB ({100 * (full - bounded) / full:.0f}%) |")
     print()
-    print(f"total time: {time.perf_counter() - t_start:.0f} s")
+    print(f"total time: {time.perf_counter() - t_start:.0f} s (1-min load average at the end "
+          f"{os.getloadavg()[0]:.2f}; on {os.cpu_count()} cores, above ~{torch.get_num_threads()} means contention)")
 
 
 if __name__ == "__main__":

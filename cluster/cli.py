@@ -55,6 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     params.add_argument("config", type=Path)
     params.set_defaults(run=_params)
 
+    plan = sub.add_parser("plan", help="routers, expert shards, memory per GPU, KV capacity and traffic on a fleet")
+    plan.add_argument("--config", required=True, help="config.json (file or checkpoint directory), or 'behemoth'")
+    plan.add_argument("--gpu", required=True, help="H100, H200, A100-80, A100-40, L40S, B200, MI300X, or GiB (e.g. 96)")
+    plan.add_argument("--gpus-per-node", type=int, required=True)
+    plan.add_argument("--nodes", type=int, default=None, help="nodes available (default: as many as the plan needs)")
+    plan.add_argument("--dtype", choices=("bf16", "fp8"), default="bf16", help="weight dtype")
+    plan.add_argument("--context", type=int, default=131072, help="tokens per sequence")
+    plan.add_argument("--concurrency", type=int, default=32, help="sequences served at once")
+    plan.add_argument("--routers", type=int, default=None, help="router replicas (default: enough for --concurrency)")
+    plan.add_argument("--format", choices=("text", "json"), default="text")
+    plan.set_defaults(run=_plan)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -174,6 +186,17 @@ def _params(args) -> int:
     print(f"active per token:  {c.text_active / 1e9:8.2f} B  (text model; the vision tower runs only on images)")
     print(f"one routed expert: {c.expert / 1e6:8.1f} M")
     return 0
+
+
+def _plan(args) -> int:
+    from cluster.planner import PlanInput, load_raw_config, make_plan, render_text
+
+    raw, name = load_raw_config(args.config)
+    inputs = PlanInput(gpu=args.gpu, gpus_per_node=args.gpus_per_node, nodes=args.nodes, dtype=args.dtype,
+                       context=args.context, concurrency=args.concurrency, routers=args.routers)
+    plan = make_plan(raw, inputs, model_name=name)
+    print(json.dumps(plan.to_dict(), indent=2) if args.format == "json" else render_text(plan))
+    return 0 if plan.feasible else 3  # 3: the plan is computed but the fleet is short (listed above)
 
 
 def _parse_ids(text: str, vocab_size: int) -> list[int]:

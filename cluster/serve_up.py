@@ -41,7 +41,7 @@ class Deployment:
     """Everything ``up`` started, so it can all be stopped in reverse order."""
 
     def __init__(self, checkpoint: Path, routers: int, max_routers: int | None, shards: int, nodes: int,
-                 address: str | None, host: str, grpc_port: int, http_port: int):
+                 address: str | None, host: str, grpc_port: int, http_port: int, **settings):
         os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(MAX_MESSAGE_BYTES))
         self.cluster = None
         if address:
@@ -54,7 +54,7 @@ class Deployment:
                 node_ids = tuple(self.cluster.node_ids) if self.cluster else ()
                 self.fleet = start_fleet(FleetSpec(checkpoint=str(checkpoint), num_shards=shards, node_ids=node_ids,
                                                    shard_cpus=0.05), namespace="moe-serve")
-            settings = ServeSettings(checkpoint=str(checkpoint), fleet_name=FLEET_NAME if shards else None)
+            settings = ServeSettings(checkpoint=str(checkpoint), fleet_name=FLEET_NAME if shards else None, **settings)
             serve.start(http_options={"host": host, "port": http_port},
                         grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})
             serve.run(build_app(settings, routers, max_routers), name=APP_NAME, route_prefix="/", blocking=False)

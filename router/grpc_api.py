@@ -23,7 +23,7 @@ class ApiError(Exception):
     """An error with the gRPC status it maps to and a message for a person (never a stack trace)."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
+        super().__init__(code, message)  # both in args, so it pickles across Ray processes
         self.code, self.message = code, message
 
 

@@ -138,6 +138,10 @@ class Ingress:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _authenticate(self, grpc_context) -> None:
+        # With one app the proxy routes here whatever `application` says; a wrong name is still an error.
+        app = dict(grpc_context.invocation_metadata()).get("application")
+        if app and app != serve.get_replica_context().app_name:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"application {app!r} is not served here")
         if self.api_token is None:
             return
         metadata = dict(grpc_context.invocation_metadata())
@@ -151,7 +155,8 @@ class Ingress:
             log.exception("request failed")
         grpc_context.set_code(api.code)
         grpc_context.set_details(api.message)
-        raise api  # Serve keeps the code and details we set; no stack trace reaches the client
+        # Serve keeps the code and details we set; a plain exception so it crosses to the proxy intact.
+        raise RuntimeError(api.message) from None
 
     @staticmethod
     def _num_routers() -> int:

@@ -24,7 +24,7 @@ def build_app(settings: ServeSettings, min_routers: int = 1, max_routers: int | 
     max_routers = max(max_routers or min_routers, min_routers)
     # The engine queues and refuses ("overloaded") on its own; Serve may hand a replica that many requests.
     per_router = settings.max_num_seqs + settings.max_waiting
-    router = serve.deployment(Router, name="Router", max_ongoing_requests=per_router, max_queued_requests=0,
+    router = serve.deployment(Router, name="Router", max_ongoing_requests=per_router, max_queued_requests=1,
                               ray_actor_options={"num_cpus": router_cpus},
                               health_check_period_s=5, health_check_timeout_s=30,
                               autoscaling_config={"min_replicas": min_routers, "initial_replicas": min_routers,
