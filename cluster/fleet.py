@@ -81,9 +81,12 @@ class ExpertFleet:
 
 
 def start_fleet(spec: FleetSpec, name: str = FLEET_NAME, namespace: str | None = None):
-    """Create the named fleet actor and wait until every shard has loaded its experts."""
-    actor = ray.remote(num_cpus=0)(ExpertFleet).options(name=name, namespace=namespace,
-                                                        lifetime="detached").remote(spec)
+    """Create the named fleet actor (or take the running one of that name) and wait until its shards loaded.
+
+    ``get_if_exists`` makes this safe to race: several router replicas starting at once share one fleet.
+    """
+    actor = ray.remote(num_cpus=0)(ExpertFleet).options(name=name, namespace=namespace, lifetime="detached",
+                                                        get_if_exists=True).remote(spec)
     ray.get(actor.info.remote())
     return actor
 

@@ -130,7 +130,10 @@ class Ingress:
         if not status["ready"]:
             return False, status["error"] or "router warming up"
         if self.settings.fleet_name:
-            fleet = ray.get_actor(self.settings.fleet_name, namespace=self.settings.fleet_namespace)
+            try:
+                fleet = ray.get_actor(self.settings.fleet_name, namespace=self.settings.fleet_namespace)
+            except ValueError:
+                return False, f"expert fleet {self.settings.fleet_name!r} is not running"
             dead = await fleet.dead_shards.remote()
             if dead:
                 return False, f"expert shards {dead} are not answering"

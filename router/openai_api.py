@@ -530,12 +530,19 @@ def build_openai_app(client_getter: Callable[[], EngineClient], api_token: str |
             raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <token>'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    # No /docs or /openapi.json: they would be the only routes outside the token check.
-    app = FastAPI(title="moe-serve", dependencies=[Depends(authorize)], docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.add_exception_handler(ApiError, lambda request, e: e.response())
-    app.add_exception_handler(HTTPException, lambda request, e: ApiError(
-        e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=None).response())
+    # Checked per route, not app-wide: routes a deployment adds later (a probe's /healthz) stay reachable
+    # without the token. No /docs or /openapi.json: they would be open too.
+    auth = [Depends(authorize)]
+    app = FastAPI(title="moe-serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> Response:
+        return e.response()
+
+    @app.exception_handler(HTTPException)  # unknown path (404), wrong method (405): the same error shape
+    async def http_error(request: Request, e: HTTPException) -> Response:
+        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                        headers=e.headers).response()
 
     async def serve(request: Request, endpoint_cls, body_cls) -> Response:
         try:
@@ -548,17 +555,17 @@ def build_openai_app(client_getter: Callable[[], EngineClient], api_token: str |
 
     started = int(time.time())
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
         client = _get_client(client_getter)
         return {"object": "list", "data": [{"id": client.model_name, "object": "model", "created": started,
                                             "owned_by": "moe-serve", "max_model_len": client.max_model_len}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
         return await serve(request, _Completions, CompletionBody)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
         return await serve(request, _Chat, ChatBody)
 

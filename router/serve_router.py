@@ -34,7 +34,7 @@ class Router:
         if s.fleet_name:
             from router.fleet_client import connect_experts
 
-            fleet = ray.get_actor(s.fleet_name, namespace=s.fleet_namespace)
+            fleet = _fleet(s)
             self.experts = connect_experts(fleet, cfg.hidden_size, dtype, timeout_s=s.exchange_timeout_s)
             self.epoch, self.num_shards = self.experts.placement.epoch, self.experts.placement.num_shards
         self.tokenizer = Tokenizer.from_dir(s.checkpoint)
@@ -74,6 +74,19 @@ class Router:
             engine.shutdown()
         if getattr(self, "experts", None) is not None:
             self.experts.close()
+
+
+def _fleet(s: ServeSettings):
+    try:
+        return ray.get_actor(s.fleet_name, namespace=s.fleet_namespace)
+    except ValueError:  # not running: start it (racing replicas end up sharing one)
+        if not s.shards:
+            raise RuntimeError(f"expert fleet {s.fleet_name!r} is not running and settings.shards is 0") from None
+        from cluster.fleet import FleetSpec, start_fleet
+
+        spec = FleetSpec(checkpoint=s.checkpoint, num_shards=s.shards, strategy=s.shard_strategy,
+                         dtype=s.dtype, device=s.shard_device, shard_cpus=s.shard_cpus)
+        return start_fleet(spec, name=s.fleet_name, namespace=s.fleet_namespace)
 
 
 def _warm_up(engine: Engine) -> str | None:

@@ -13,6 +13,12 @@ class ServeSettings:
     model_name: str = ""  # what clients name in requests; defaults to the checkpoint folder's name
     fleet_name: str | None = None  # the expert fleet actor; None: every expert inside the router
     fleet_namespace: str = "moe-serve"
+    # When the fleet is not running yet, the first router replica starts it with these (on KubeRay: the
+    # expert worker group's nodes; "cuda" gives each shard one GPU).
+    shards: int = 0
+    shard_strategy: str = "contiguous"
+    shard_device: str = "cpu"
+    shard_cpus: float = 0.1
     dtype: str = "float32"
     kv_cache_bytes: int = 256 << 20
     max_num_seqs: int = 64

@@ -227,8 +227,11 @@ def test_not_ready_is_503():
         _assert_error(http.post("/v1/completions", json=GOOD), 503, code="service_unavailable")
 
 
-def test_bearer_token_is_required_on_every_route(client):
-    http = TestClient(build_openai_app(lambda: client, api_token="s3cret"))
+def test_bearer_token_is_required_on_every_api_route(client):
+    app = build_openai_app(lambda: client, api_token="s3cret")
+    app.get("/healthz")(lambda: {"status": "SERVING"})  # a probe's route, added by the deployment, stays open
+    http = TestClient(app)
+    assert http.get("/healthz").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
         _assert_error(http.get("/v1/models", headers=headers), 401, code="invalid_api_key")
         _assert_error(http.post("/v1/completions", json=GOOD, headers=headers), 401)

@@ -201,3 +201,51 @@ def test_more_requests_than_the_queue_are_refused_promptly(served, stub):
     assert refused and all(code == grpc.StatusCode.RESOURCE_EXHAUSTED for code, _ in refused)
     assert min(t for _, t in refused) < 10  # promptly, not after the others finished
     assert _wait_idle(served)
+
+
+# -- OpenAI-compatible HTTP through Serve's HTTP proxy -----------------------------------------------------
+def _http(served, method, path, token=TOKEN, **kw):
+    import httpx
+
+    headers = {**kw.pop("headers", {}), **({"Authorization": f"Bearer {token}"} if token else {})}
+    return httpx.request(method, served.http_address + path, headers=headers, timeout=60, **kw)
+
+
+def test_http_models_completions_and_chat(served, reference):
+    _, tok = reference
+    models = _http(served, "GET", "/v1/models").json()
+    name = models["data"][0]["id"]
+    body = {"model": name, "prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    done = _http(served, "POST", "/v1/completions", json=body).json()
+    expected = tok.decode(_greedy(reference, (5, 6, 7, 8), 6), skip_special_tokens=True)
+    assert done["choices"][0]["text"] == expected and done["usage"]["completion_tokens"] == 6
+    streamed = _http(served, "POST", "/v1/completions", json={**body, "stream": True}).text
+    events = [line[6:] for line in streamed.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    import json
+
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == expected
+    chat = _http(served, "POST", "/v1/chat/completions",
+                 json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_http_errors_have_openai_bodies(served):
+    cases = [
+        (dict(json={"prompt": "", "max_tokens": 4}), 400),
+        (dict(json={"prompt": "hi", "max_tokens": -1}), 400),
+        (dict(json={"prompt": "hi", "temperature": "hot"}), 400),
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 400),
+        (dict(json={"prompt": [5, 10 ** 6]}), 400),
+        (dict(json={"prompt": "hi", "model": "gpt-17"}), 404),
+        (dict(content=b"x" * (5 << 20), headers={"content-type": "application/json"}), 413),
+    ]
+    for kwargs, status in cases:
+        r = _http(served, "POST", "/v1/completions", **kwargs)
+        assert r.status_code == status, (kwargs.get("json"), r.text[:300])
+        err = r.json()["error"]
+        assert err["message"] and "Traceback" not in r.text
+    assert _http(served, "GET", "/v1/models", token=None).status_code == 401
+    assert _http(served, "GET", "/v1/models", token="wrong").status_code == 401
+    assert _http(served, "GET", "/healthz", token=None).json()["status"] == "SERVING"
+    assert _http(served, "POST", "/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}).status_code == 200
