@@ -16,6 +16,7 @@ from typing import Any
 
 from router.engine import Engine
 from router.request import EngineError, GenerationOutput, GenerationRequest
+from router.tracing import tracer
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,10 @@ class AsyncEngine:
 
     def _step(self) -> list[GenerationOutput]:
         try:
-            return self.engine.step()
+            with tracer().start_as_current_span("engine.step") as span:  # sampled: a root span per step
+                outputs = self.engine.step()
+                span.set_attribute("outputs", len(outputs))
+                return outputs
         except Exception as e:  # a failed step must not leave streams hanging or blocks allocated
             log.exception("engine step failed")
             self.step_error = f"{type(e).__name__}: {e}"

@@ -17,6 +17,7 @@ from cluster.comm import Group
 from cluster.placement import Placement
 from expert_workers.wire import OP_CLOSE, OP_EXPERTS, header
 from models.seam import DispatchHandle, ExpertSeam, RouteLayout, gather_scaled_rows, route_layout, scatter_sum
+from router.tracing import tracer
 
 
 class ExpertExchangeError(RuntimeError):
@@ -52,6 +53,16 @@ class DistributedExperts(ExpertSeam):
 
     def dispatch(self, layer_idx: int, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                  scores_TK: torch.Tensor) -> DispatchHandle:
+        with tracer().start_as_current_span("moe.dispatch", attributes={"layer": layer_idx,
+                                                                        "rows": expert_ids_TK.numel()}):
+            return self._dispatch(layer_idx, x_TD, expert_ids_TK, scores_TK)
+
+    def combine(self, handle: DispatchHandle) -> torch.Tensor:
+        with tracer().start_as_current_span("moe.combine", attributes={"layer": handle.layer_idx}):
+            return self._combine(handle)
+
+    def _dispatch(self, layer_idx: int, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                  scores_TK: torch.Tensor) -> DispatchHandle:
         layout = route_layout(expert_ids_TK, self.num_experts)
         rows_SD = gather_scaled_rows(x_TD, scores_TK, layout).to(self.dtype)
         expert_S = expert_ids_TK.reshape(-1)[layout.slot_S]
@@ -73,7 +84,7 @@ class DistributedExperts(ExpertSeam):
                 recvs.append((shard, out_nD, self.group.recv(out_nD, rank)))
         return DispatchHandle(layer_idx, layout, _Exchange(order_S, tuple(sends), tuple(recvs)))
 
-    def combine(self, handle: DispatchHandle) -> torch.Tensor:
+    def _combine(self, handle: DispatchHandle) -> torch.Tensor:
         ex: _Exchange = handle.in_flight
         for work in ex.sends:
             self._wait(work, None)

@@ -5,6 +5,7 @@ Every bad input becomes a status with a message a person understands, and the ne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -21,6 +22,7 @@ from router.grpc_api import ApiError, complete_response, engine_request, generat
 from router.openai_api import build_openai_app
 from router.request import GenerationOutput, GenerationRequest
 from router.settings import ServeSettings
+from router.tracing import continue_trace, current_carrier, setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ class RouterClient:
         self.handle, self.tokenizer, self.model_name, self.max_model_len = handle, tokenizer, model_name, max_model_len
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if not request.trace_context:  # hand the caller's trace on to the router replica
+            request = dataclasses.replace(request, trace_context=tuple(current_carrier().items()))
         stream = self.handle.options(stream=True).generate.remote(request)
         finished = False
         try:
@@ -47,13 +51,15 @@ class RouterClient:
 class Ingress:
     def __init__(self, router, settings: dict):
         self.settings = s = ServeSettings(**settings)
+        setup_tracing()
         cfg = load_config(s.checkpoint)
         self.cfg, self.tokenizer, self.router = cfg, Tokenizer.from_dir(s.checkpoint), router
         self.client = RouterClient(router, self.tokenizer, s.model_name, cfg.max_position_embeddings)
         self.api_token = load_api_token()
 
     def __serve_build_asgi_app__(self):
-        app = build_openai_app(lambda: self.client, self.api_token, max_body_bytes=self.settings.max_request_bytes)
+        app = build_openai_app(lambda: self.client, self.api_token, max_body_bytes=self.settings.max_request_bytes,
+                               trace_context=lambda headers: continue_trace(headers, "http.request"))
 
         @app.get("/healthz")
         async def healthz():
@@ -69,19 +75,22 @@ class Ingress:
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
         try:
             self._authenticate(grpc_context)
-            async for out in self.client.generate(engine_request(request, self.tokenizer, self.settings.model_name)):
-                if out.finish_reason == "deadline":
-                    raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   f"request timed out after {request.timeout_ms} ms; the work was stopped")
-                yield generate_response(out)
+            with continue_trace(_trace_headers(grpc_context), "moeserve.v1.MoeServeService/Generate"):
+                req = engine_request(request, self.tokenizer, self.settings.model_name)
+                async for out in self.client.generate(req):
+                    if out.finish_reason == "deadline":
+                        raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"request timed out after {request.timeout_ms} ms; the work was stopped")
+                    yield generate_response(out)
         except Exception as e:
             self._fail(grpc_context, e)
 
     async def Complete(self, request: pb.CompleteRequest, grpc_context) -> pb.CompleteResponse:
         try:
             self._authenticate(grpc_context)
-            outputs = [o async for o in self.client.generate(
-                engine_request(request, self.tokenizer, self.settings.model_name))]
+            with continue_trace(_trace_headers(grpc_context), "moeserve.v1.MoeServeService/Complete"):
+                outputs = [o async for o in self.client.generate(
+                    engine_request(request, self.tokenizer, self.settings.model_name))]
             if outputs[-1].finish_reason == "deadline":
                 raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"request timed out after {request.timeout_ms} ms; the work was stopped")
@@ -168,3 +177,11 @@ class Ingress:
             return app.deployments["Router"].replica_states.get("RUNNING", 0)
         except Exception:
             return 0
+
+
+def _trace_headers(grpc_context) -> dict[str, str]:
+    """W3C trace context of the client: from metadata, or what the Serve proxy extracted."""
+    headers = {k: v for k, v in grpc_context.invocation_metadata() if k in ("traceparent", "tracestate")}
+    if "traceparent" not in headers and grpc_context.traceparent():
+        headers["traceparent"] = grpc_context.traceparent()
+    return headers

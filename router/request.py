@@ -28,6 +28,7 @@ class GenerationRequest:
     # Tokens this request already produced elsewhere (a stream resumed on another replica): recomputed, not
     # re-emitted, and counted in max_tokens, so the continuation is exactly what the first run would have given.
     output_prefix: tuple[int, ...] = ()
+    trace_context: tuple[tuple[str, str], ...] = ()  # W3C headers of the caller's span, for tracing
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from router.engine import Engine, EngineConfig
 from router.request import GenerationOutput, GenerationRequest
 from router.sampling import SamplingParams
 from router.settings import ServeSettings
+from router.tracing import continue_trace, setup_tracing
 
 log = logging.getLogger(__name__)
 WARMUP_TOKENS = 4
@@ -28,6 +29,7 @@ WARMUP_TOKENS = 4
 class Router:
     def __init__(self, settings: dict):
         self.settings = s = ServeSettings(**settings)
+        setup_tracing()
         cfg = load_config(s.checkpoint)
         dtype = getattr(torch, s.dtype)
         self.experts, self.epoch, self.num_shards = None, 0, 0
@@ -46,8 +48,13 @@ class Router:
         self.engine = AsyncEngine(engine)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        async for out in self.engine.generate(request):
-            yield out
+        with continue_trace(dict(request.trace_context), "router.generate", request_id=request.request_id,
+                            prompt_tokens=len(request.prompt_ids)) as span:
+            async for out in self.engine.generate(request):
+                if out.finished:
+                    span.set_attribute("finish_reason", out.finish_reason)
+                    span.set_attribute("completion_tokens", out.usage.completion_tokens)
+                yield out
 
     def check_health(self) -> None:
         """Serve's health hook: a replica that never generated, or whose experts failed, is restarted."""

@@ -89,6 +89,26 @@ def test_generate_streams_the_greedy_tokens(stub, reference):
     assert "".join(c.text_delta for c in chunks) == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_cli_generate_endpoint_is_a_grpc_client(served, reference):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MOE_SERVE_API_TOKEN=TOKEN)
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--endpoint", served.grpc_address,
+                           "--prompt-ids", "5,6,7,8", "--max-tokens", "5", "--json"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    model, tok = reference  # the client does not ask to ignore end-of-sequence tokens
+    expected = greedy_generate(model, torch.tensor([[5, 6, 7, 8]]), 5, tok.eos_token_ids)[0].tolist()
+    assert json.loads(proc.stdout)["token_ids"] == expected
+    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--endpoint", served.grpc_address,
+                          "--prompt-ids", "5,6", "--max-tokens", "5000"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_complete_tokenize_and_model_info(stub, reference):
     req = _request(max_tokens=6)
     done = stub.Complete(pb.CompleteRequest(token_ids=req.token_ids, sampling=req.sampling), metadata=AUTH,
