@@ -76,11 +76,7 @@ class Ingress:
         try:
             self._authenticate(grpc_context)
             with continue_trace(_trace_headers(grpc_context), "moeserve.v1.MoeServeService/Generate"):
-                req = engine_request(request, self.tokenizer, self.settings.model_name)
-                async for out in self.client.generate(req):
-                    if out.finish_reason == "deadline":
-                        raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                       f"request timed out after {request.timeout_ms} ms; the work was stopped")
+                async for out in self._outputs(request):
                     yield generate_response(out)
         except Exception as e:
             self._fail(grpc_context, e)
@@ -89,12 +85,7 @@ class Ingress:
         try:
             self._authenticate(grpc_context)
             with continue_trace(_trace_headers(grpc_context), "moeserve.v1.MoeServeService/Complete"):
-                outputs = [o async for o in self.client.generate(
-                    engine_request(request, self.tokenizer, self.settings.model_name))]
-            if outputs[-1].finish_reason == "deadline":
-                raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"request timed out after {request.timeout_ms} ms; the work was stopped")
-            return complete_response(outputs)
+                return complete_response([out async for out in self._outputs(request)])
         except Exception as e:
             self._fail(grpc_context, e)
 
@@ -149,6 +140,14 @@ class Ingress:
         return True, ""
 
     # -- helpers ---------------------------------------------------------------------------------
+    async def _outputs(self, request) -> AsyncIterator[GenerationOutput]:
+        """The engine's outputs for a Generate/Complete request; a passed ``timeout_ms`` is DEADLINE_EXCEEDED."""
+        async for out in self.client.generate(engine_request(request, self.tokenizer, self.settings.model_name)):
+            if out.finish_reason == "deadline":
+                raise ApiError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"request timed out after {request.timeout_ms} ms; the work was stopped")
+            yield out
+
     def _authenticate(self, grpc_context) -> None:
         # With one app the proxy routes here whatever `application` says; a wrong name is still an error.
         app = dict(grpc_context.invocation_metadata()).get("application")
