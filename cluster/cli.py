@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--concurrency", type=int, default=32, help="sequences served at once")
     plan.add_argument("--routers", type=int, default=None, help="router replicas (default: enough for --concurrency)")
     plan.add_argument("--format", choices=("text", "json"), default="text")
+    plan.add_argument("--emit-kustomize", type=Path, default=None, metavar="DIR",
+                      help="also write a kustomize overlay of k8s/base sized by this plan into DIR")
     plan.set_defaults(run=_plan)
 
     args = parser.parse_args(argv)
@@ -196,6 +198,11 @@ def _plan(args) -> int:
                        context=args.context, concurrency=args.concurrency, routers=args.routers)
     plan = make_plan(raw, inputs, model_name=name)
     print(json.dumps(plan.to_dict(), indent=2) if args.format == "json" else render_text(plan))
+    if args.emit_kustomize:
+        from cluster.kustomize import write_overlay
+
+        for path in write_overlay(plan, args.emit_kustomize):
+            print(f"wrote {path}", file=sys.stderr)
     return 0 if plan.feasible else 3  # 3: the plan is computed but the fleet is short (listed above)
 
 

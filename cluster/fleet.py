@@ -30,6 +30,8 @@ class FleetSpec:
     dtype: str = "float32"
     device: str = "cpu"  # "cuda": one GPU per shard
     shard_cpus: float = 0.1
+    # Custom resources each shard asks for, e.g. {"moe_expert": 1}: keeps GPU shards on the expert nodes.
+    shard_resources: tuple[tuple[str, float], ...] = ()
 
 
 class ExpertFleet:
@@ -51,6 +53,8 @@ class ExpertFleet:
             node = spec.node_ids[shard_id % len(spec.node_ids)]
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
         actor_cls = remote_class(num_cpus=spec.shard_cpus, num_gpus=1 if spec.device == "cuda" else 0)
+        if spec.shard_resources:
+            options["resources"] = dict(spec.shard_resources)
         experts = {layer: list(ids) for layer, ids in self.placement.experts_of(shard_id).items()}
         return actor_cls.options(**options).remote(shard_id, spec.checkpoint, experts, spec.dtype, spec.device)
 

@@ -17,8 +17,10 @@ def load_api_token(environ: Mapping[str, str] = os.environ) -> str | None:
     A token file that is named but missing or empty is an error, not "auth off": a Secret that failed to
     mount must not leave the API open.
     """
-    token = environ.get(TOKEN_ENV, "").strip()
-    if token:
+    if TOKEN_ENV in environ:  # set but blank (an empty Secret value) fails closed, it does not turn auth off
+        token = environ[TOKEN_ENV].strip()
+        if not token:
+            raise RuntimeError(f"{TOKEN_ENV} is set but empty: it must hold the API token (unset it for no auth)")
         return token
     path = environ.get(TOKEN_FILE_ENV, "").strip()
     if not path:

@@ -37,10 +37,12 @@ class Router:
             from router.fleet_client import connect_experts
 
             fleet = _fleet(s)
-            self.experts = connect_experts(fleet, cfg.hidden_size, dtype, timeout_s=s.exchange_timeout_s)
+            self.experts = connect_experts(fleet, cfg.hidden_size, dtype, device=s.device,
+                                           timeout_s=s.exchange_timeout_s)
             self.epoch, self.num_shards = self.experts.placement.epoch, self.experts.placement.num_shards
         self.tokenizer = Tokenizer.from_dir(s.checkpoint)
-        engine = Engine(load_model(s.checkpoint, dtype=dtype, experts=self.experts), self.tokenizer, EngineConfig(
+        model = load_model(s.checkpoint, dtype=dtype, device=s.device, experts=self.experts)
+        engine = Engine(model, self.tokenizer, EngineConfig(
             kv_cache_bytes=s.kv_cache_bytes, max_num_seqs=s.max_num_seqs, max_tokens_per_step=s.max_tokens_per_step,
             max_waiting=s.max_waiting))
         self.cfg, self.max_model_len = cfg, engine.max_model_len
@@ -92,7 +94,8 @@ def _fleet(s: ServeSettings):
         from cluster.fleet import FleetSpec, start_fleet
 
         spec = FleetSpec(checkpoint=s.checkpoint, num_shards=s.shards, strategy=s.shard_strategy,
-                         dtype=s.dtype, device=s.shard_device, shard_cpus=s.shard_cpus)
+                         dtype=s.dtype, device=s.shard_device, shard_cpus=s.shard_cpus,
+                         shard_resources=tuple(sorted((s.shard_resources or {}).items())))
         return start_fleet(spec, name=s.fleet_name, namespace=s.fleet_namespace)
 
 

@@ -19,6 +19,8 @@ class ServeSettings:
     shard_strategy: str = "contiguous"
     shard_device: str = "cpu"
     shard_cpus: float = 0.1
+    shard_resources: dict[str, float] | None = None  # e.g. {"moe_expert": 1}: shards only on expert nodes
+    device: str = "cpu"  # the router's dense part: "cuda" on GPU router nodes
     dtype: str = "float32"
     kv_cache_bytes: int = 256 << 20
     max_num_seqs: int = 64
@@ -32,6 +34,8 @@ class ServeSettings:
             raise ValueError(f"checkpoint={self.checkpoint!r}: no config.json there")
         if not self.model_name:
             object.__setattr__(self, "model_name", Path(self.checkpoint).resolve().name)
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: expected cpu or cuda")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: expected float32, bfloat16 or float16")
         for name in ("kv_cache_bytes", "max_num_seqs", "max_tokens_per_step", "max_waiting", "max_request_bytes"):

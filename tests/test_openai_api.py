@@ -334,6 +334,8 @@ def test_load_api_token(tmp_path):
     secret.write_text("  \n")
     with pytest.raises(RuntimeError, match="is empty"):
         load_api_token({"MOE_SERVE_API_TOKEN_FILE": str(secret)})
+    with pytest.raises(RuntimeError, match="set but empty"):  # an empty Secret value fails closed
+        load_api_token({"MOE_SERVE_API_TOKEN": "  "})
 
 
 def test_check_bearer():
