@@ -238,7 +238,7 @@ def _pod_gib(gpus: int, weights_per_gpu_bytes: int) -> int:
 def serve_config(s: OverlaySizes) -> dict:
     """The Serve config (``serveConfigV2``) of one application, ``moe-serve``, for these sizes."""
     args = {"checkpoint": s.checkpoint, "dtype": "bfloat16", "fleet_name": FLEET_NAME, "fleet_namespace": "moe-serve",
-            "shards": s.shards, "shard_strategy": "contiguous", "shard_device": "cuda", "shard_cpus": SHARD_CPUS,
+            "shards": s.shards, "shard_strategy": "flat", "shard_device": "cuda", "shard_cpus": SHARD_CPUS,
             "shard_resources": {"moe_expert": 1}, "device": "cuda",
             "kv_cache_bytes": s.router_kv_cache_bytes,
             "min_routers": s.min_routers, "max_routers": s.max_routers, "router_cpus": s.router_cpus}

@@ -158,7 +158,7 @@ def balanced_placement(
             f"need 1 <= num_shards <= num_experts * len(layers) so no shard is empty; "
             f"got num_shards={num_shards}, num_experts={num_experts}, len(layers)={len(layers)}"
         )
-    table = [[[_primary_shard(strategy, i, e, num_experts, num_shards)] for e in range(num_experts)]
+    table = [[[_primary_shard(strategy, i, e, num_experts, num_shards, len(layers))] for e in range(num_experts)]
              for i in range(len(layers))]
     _add_replicas(table, layers, num_experts, num_shards, replicas or {})
     empty = sorted(set(range(num_shards)) - {s for row in table for r in row for s in r})
@@ -170,13 +170,18 @@ def balanced_placement(
     return Placement(epoch, num_shards, num_experts, layers, table)
 
 
-def _primary_shard(strategy: str, layer_pos: int, e: int, num_experts: int, num_shards: int) -> int:
+def _primary_shard(strategy: str, layer_pos: int, e: int, num_experts: int, num_shards: int,
+                   num_layers: int) -> int:
     if strategy == "contiguous":
         # Shard s owns [s*E//N, (s+1)*E//N): block sizes are floor or ceil of E/N.
         return _block_owner(e, num_experts, num_shards)
     if strategy == "round_robin":
         return (e + layer_pos) % num_shards  # offset per layer so every layer's expert 0 is not on shard 0
-    raise PlacementError(f"unknown strategy {strategy!r}; expected 'contiguous' or 'round_robin'")
+    if strategy == "flat":
+        # All (layer, expert) pairs in one row, cut into N blocks whose sizes differ by at most 1: the even
+        # spread the planner sizes GPUs for when there are more shards than experts per layer.
+        return _block_owner(layer_pos * num_experts + e, num_experts * num_layers, num_shards)
+    raise PlacementError(f"unknown strategy {strategy!r}; expected 'contiguous', 'round_robin' or 'flat'")
 
 
 def _block_owner(e: int, num_experts: int, num_shards: int) -> int:

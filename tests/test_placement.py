@@ -146,3 +146,12 @@ def test_hot_expert_replicas():
     assert hot_expert_replicas(counts, 4, max_replicas=2) == {(0, 0): 2, (0, 1): 2, (0, 2): 2, (1, 0): 2}
     p = balanced_placement([0, 1], 3, 4, replicas=hot_expert_replicas(counts, 3, max_replicas=4))
     assert len(p.replicas(0, 0)) == max(len(r) for row in p.table for r in row)
+
+
+def test_flat_spreads_all_pairs_evenly_even_with_more_shards_than_experts():
+    # Behemoth-class on H100s: 72 layers x 16 experts over 55 shards, 20-21 pairs each.
+    p = balanced_placement(range(72), 16, 55, strategy="flat")
+    sizes = [sum(len(v) for v in p.experts_of(s).values()) for s in range(55)]
+    assert sum(sizes) == 72 * 16 and max(sizes) - min(sizes) <= 1
+    assert max(sizes) == -(-72 * 16 // 55)
+    assert all(len(p.replicas(layer, e)) == 1 for layer in range(72) for e in range(16))
