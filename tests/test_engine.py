@@ -6,10 +6,7 @@ import time
 import pytest
 import torch
 
-from models.checkpoint_writer import make_checkpoint
 from models.generate import greedy_generate
-from models.loading import load_model
-from models.tokenizer import Tokenizer
 from router.async_engine import AsyncEngine
 from router.engine import Engine, EngineConfig
 from router.request import GenerationRequest, InvalidRequestError, OverloadedError
@@ -18,21 +15,6 @@ from router.sampling import SamplingParams
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 # tiny preset: 4 layers (3 chunked with chunk 16, 1 global), 2 KV heads x 16 dims, fp32, block 4 tokens:
 BLOCK_BYTES = 4 * 2 * 16 * 4 * 2
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", seed=5)
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return load_model(ckpt)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(ckpt):
-    return Tokenizer.from_dir(ckpt)
 
 
 def _engine(model, tokenizer, blocks=4096, **kw):

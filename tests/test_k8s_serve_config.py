@@ -2,7 +2,6 @@
 cluster and answers gRPC: the expert fleet is started by the first router replica from the config's args."""
 
 import grpc
-import pytest
 import torch
 
 from cluster.kustomize import tiny_cpu_serve_config

@@ -9,10 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 from starlette.requests import ClientDisconnect
 
-from models.checkpoint_writer import make_checkpoint
 from models.generate import greedy_generate
-from models.loading import load_model
-from models.tokenizer import Tokenizer
 from router.async_engine import AsyncEngine
 from router.auth import check_bearer, load_api_token
 from router.engine import Engine, EngineConfig
@@ -24,21 +21,6 @@ BLOCK_BYTES = 4 * 2 * 16 * 4 * 2  # tiny preset, block of 4 tokens (see test_eng
 MODEL = "tiny-moe"
 GOOD = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", seed=5)
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return load_model(ckpt)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(ckpt):
-    return Tokenizer.from_dir(ckpt)
 
 
 @pytest.fixture(scope="module")
