@@ -20,7 +20,8 @@ from router.request import GenerationOutput, GenerationRequest, InvalidRequestEr
 from router.sampling import Sampler, SamplingParamsError, request_seed
 from router.scheduler import ScheduledChunk, Scheduler
 from router.sequence import Sequence, Status
-from router.kv_blocks import num_blocks_for_budget
+from models.config import Llama4Config
+from router.kv_blocks import KVBlockManager, num_blocks_for_budget
 
 
 @dataclass(frozen=True)
@@ -41,17 +42,30 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_model_len must be positive, got {self.max_model_len}")
 
 
+def num_kv_blocks(cfg: Llama4Config, config: EngineConfig, dtype: torch.dtype) -> int:
+    num_blocks = num_blocks_for_budget(config.kv_cache_bytes, config.block_size, cfg.num_key_value_heads,
+                                       cfg.head_dim, torch.finfo(dtype).bits // 8)
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no {config.block_size}-token block")
+    return num_blocks
+
+
+def max_sequence_len(cfg: Llama4Config, config: EngineConfig, dtype: torch.dtype) -> int:
+    """The context a request may use: the model's, the configured cap, and what the KV cache can ever hold."""
+    n_chunked = sum(cfg.is_chunked_layer(i) for i in range(cfg.num_hidden_layers))
+    blocks = KVBlockManager(num_kv_blocks(cfg, config, dtype), config.block_size,
+                            cfg.num_hidden_layers - n_chunked, n_chunked, cfg.attention_chunk_size)
+    return min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
+               blocks.longest_sequence(step_tokens=config.max_tokens_per_step))
+
+
 class Engine:
     def __init__(self, model: Llama4TextModel, tokenizer, config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         cfg = model.cfg
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         dtype, device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
-        num_blocks = num_blocks_for_budget(config.kv_cache_bytes * 1, config.block_size, cfg.num_key_value_heads,
-                                           cfg.head_dim, torch.finfo(dtype).bits // 8)
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no {config.block_size}-token block")
-        self.cache = PagedKVCache(cfg, num_blocks, config.block_size, dtype, device)
+        self.max_model_len = max_sequence_len(cfg, config, dtype)
+        self.cache = PagedKVCache(cfg, num_kv_blocks(cfg, config, dtype), config.block_size, dtype, device)
         self.blocks = self.cache.new_block_manager()
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_tokens_per_step, config.max_waiting)
         self.runner = ModelRunner(model, self.cache, self.blocks)
@@ -90,15 +104,15 @@ class Engine:
         except SamplingParamsError as e:
             raise InvalidRequestError(str(e)) from None
         total = len(prompt) + params.max_tokens
-        if total > self.max_model_len:
+        if total > self.max_model_len:  # also what the KV cache could ever hold: it never fits later either
             raise InvalidRequestError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
-                f"context length of {self.max_model_len} tokens")
-        need = self.blocks.max_blocks_for(total, step_tokens=self.config.max_tokens_per_step)
-        if need > self.blocks.num_blocks:
-            raise InvalidRequestError(
-                f"a sequence of {total} tokens needs {need} KV blocks but the cache holds only "
-                f"{self.blocks.num_blocks}; lower max_tokens or the prompt length")
+                f"context length of {self.max_model_len} tokens{self._why_limit()}")
+
+    def _why_limit(self) -> str:
+        if self.max_model_len < min(self.config.max_model_len or 1 << 62, self.model.cfg.max_position_embeddings):
+            return f" (all that this server's KV cache of {self.blocks.num_blocks} blocks can hold)"
+        return ""
 
     def abort(self, request_id: str, reason: str = "abort") -> GenerationOutput | None:
         """Stop a request now and free its KV blocks; returns its final output (None if unknown/finished)."""

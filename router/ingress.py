@@ -14,10 +14,13 @@ import ray
 from grpc_health.v1 import health_pb2
 from ray import serve
 
+import torch
+
 from models.config import load_config
 from models.tokenizer import Tokenizer
 from protos.moeserve.v1 import moeserve_pb2 as pb
 from router.auth import check_bearer, load_api_token
+from router.engine import max_sequence_len
 from router.grpc_api import ApiError, complete_response, engine_request, generate_response, status_of
 from router.openai_api import build_openai_app
 from router.request import GenerationOutput, GenerationRequest
@@ -54,7 +57,9 @@ class Ingress:
         setup_tracing()
         cfg = load_config(s.checkpoint)
         self.cfg, self.tokenizer, self.router = cfg, Tokenizer.from_dir(s.checkpoint), router
-        self.client = RouterClient(router, self.tokenizer, s.model_name, cfg.max_position_embeddings)
+        # the same limit the routers' engines enforce (model context and what their KV cache can hold)
+        max_len = max_sequence_len(cfg, s.engine_config(), getattr(torch, s.dtype))
+        self.client = RouterClient(router, self.tokenizer, s.model_name, max_len)
         self.api_token = load_api_token()
 
     def __serve_build_asgi_app__(self):

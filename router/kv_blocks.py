@@ -152,6 +152,17 @@ class KVBlockManager:
         return _max_blocks(seq_len, self.block_size, self.n_global, self.n_chunked,
                            self.chunk_size, step_tokens)
 
+    def longest_sequence(self, step_tokens: int = 1) -> int:
+        """The longest sequence whose peak blocks (``max_blocks_for``) fit in the whole pool."""
+        lo, hi = 0, 1 << 40  # with chunked layers only, the bound can be huge: search, don't solve
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.max_blocks_for(mid, step_tokens) <= self._num_blocks:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def _window_start(self, keep_from: int) -> int:
         """First logical block a query at ``keep_from`` (or later) can attend to."""
         if self.chunk_size is None:

@@ -16,7 +16,7 @@ from models.config import load_config
 from models.loading import load_model
 from models.tokenizer import Tokenizer
 from router.async_engine import AsyncEngine
-from router.engine import Engine, EngineConfig
+from router.engine import Engine
 from router.request import GenerationOutput, GenerationRequest
 from router.sampling import SamplingParams
 from router.settings import ServeSettings
@@ -42,9 +42,7 @@ class Router:
             self.epoch, self.num_shards = self.experts.placement.epoch, self.experts.placement.num_shards
         self.tokenizer = Tokenizer.from_dir(s.checkpoint)
         model = load_model(s.checkpoint, dtype=dtype, device=s.device, experts=self.experts)
-        engine = Engine(model, self.tokenizer, EngineConfig(
-            kv_cache_bytes=s.kv_cache_bytes, max_num_seqs=s.max_num_seqs, max_tokens_per_step=s.max_tokens_per_step,
-            max_waiting=s.max_waiting))
+        engine = Engine(model, self.tokenizer, s.engine_config())
         self.cfg, self.max_model_len = cfg, engine.max_model_len
         self.warmup_error = _warm_up(engine)  # before the engine thread owns it: plain synchronous steps
         self.engine = AsyncEngine(engine)

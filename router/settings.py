@@ -42,5 +42,11 @@ class ServeSettings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be positive")
 
+    def engine_config(self):
+        from router.engine import EngineConfig
+
+        return EngineConfig(kv_cache_bytes=self.kv_cache_bytes, max_num_seqs=self.max_num_seqs,
+                            max_tokens_per_step=self.max_tokens_per_step, max_waiting=self.max_waiting)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

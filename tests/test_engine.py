@@ -173,7 +173,9 @@ def test_bad_requests_refused_with_the_limit(model, tokenizer, make, needle):
 
 def test_refuses_what_could_never_fit_and_overload(model, tokenizer):
     engine = _engine(model, tokenizer, blocks=20)
-    with pytest.raises(InvalidRequestError, match="needs .* KV blocks but the cache holds only 20"):
+    limit = engine.max_model_len  # 20 blocks of 4 tokens: far below the model's 4096 positions
+    assert limit < 200 and engine.blocks.max_blocks_for(limit, 24) <= 20 < engine.blocks.max_blocks_for(limit + 1, 24)
+    with pytest.raises(InvalidRequestError, match=f"context length of {limit} tokens .*KV cache of 20 blocks"):
         engine.add_request(GenerationRequest("big", tuple(range(3, 203)), GREEDY))
     engine = _engine(model, tokenizer, max_waiting=2)
     engine.add_request(GenerationRequest("a", (1, 2), GREEDY))
