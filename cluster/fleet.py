@@ -16,8 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from cluster.placement import Placement, balanced_placement
 from expert_workers.actor import remote_class
 from models.config import load_config
-
-FLEET_NAME = "moe-serve-expert-fleet"
+from router.app_spec import FLEET_NAME
 
 
 @dataclass(frozen=True)

@@ -19,20 +19,13 @@ from pathlib import Path
 
 import yaml
 
+from router.app_spec import APP_NAME, FLEET_NAME, FLEET_NAMESPACE, GRPC_SERVICERS, IMPORT_PATH  # noqa: F401 (tests use them)
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = ROOT / "k8s"
 BASE_DIR = K8S_DIR / "base"
 TINY_CPU_DIR = K8S_DIR / "overlays" / "tiny-cpu"
 
-# What the Serve config names in the app (checked against router/serve_app.py by tests/test_k8s.py; kept here
-# so rendering does not import Ray Serve and torch).
-APP_NAME = "moe-serve"
-IMPORT_PATH = "router.serve_app:app_builder"
-GRPC_SERVICERS = [
-    "protos.moeserve.v1.moeserve_pb2_grpc.add_MoeServeServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
-FLEET_NAME = "moe-serve-expert-fleet"
 GRPC_PORT, HTTP_PORT = 9000, 8000
 MODELS_MOUNT = "/models"  # the checkpoints volume; a model's checkpoint is /models/<plan.model_name>
 
@@ -237,7 +230,7 @@ def _pod_gib(gpus: int, weights_per_gpu_bytes: int) -> int:
 
 def serve_config(s: OverlaySizes) -> dict:
     """The Serve config (``serveConfigV2``) of one application, ``moe-serve``, for these sizes."""
-    args = {"checkpoint": s.checkpoint, "dtype": "bfloat16", "fleet_name": FLEET_NAME, "fleet_namespace": "moe-serve",
+    args = {"checkpoint": s.checkpoint, "dtype": "bfloat16", "fleet_name": FLEET_NAME, "fleet_namespace": FLEET_NAMESPACE,
             "shards": s.shards, "shard_strategy": "flat", "shard_device": "cuda", "shard_cpus": SHARD_CPUS,
             "shard_resources": {"moe_expert": 1}, "device": "cuda",
             "kv_cache_bytes": s.router_kv_cache_bytes,

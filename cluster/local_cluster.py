@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import ray
 from ray.cluster_utils import Cluster
 
+from router.app_spec import FLEET_NAMESPACE
+
 
 @dataclass
 class LocalCluster:
@@ -31,5 +33,5 @@ def start_local_cluster(num_nodes: int, cpus_per_node: float = 2,
     nodes = [cluster.add_node(num_cpus=cpus_per_node, resources={f"moe_node_{i}": 1, **(node_resources or {})})
              for i in range(num_nodes)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace="moe-serve", logging_level="warning", log_to_driver=False)
+    ray.init(address=cluster.address, namespace=FLEET_NAMESPACE, logging_level="warning", log_to_driver=False)
     return LocalCluster(cluster, [n.node_id for n in nodes])

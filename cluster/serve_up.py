@@ -15,7 +15,8 @@ from ray import serve
 
 from cluster.fleet import FLEET_NAME, FleetSpec, start_fleet, stop_fleet
 from cluster.local_cluster import start_local_cluster
-from router.serve_app import APP_NAME, GRPC_SERVICERS, build_app
+from router.app_spec import APP_NAME, FLEET_NAMESPACE, GRPC_SERVICERS
+from router.serve_app import build_app
 from router.settings import ServeSettings
 
 MAX_MESSAGE_BYTES = 4 << 20  # requests above this are refused by the gRPC proxy with RESOURCE_EXHAUSTED
@@ -45,7 +46,7 @@ class Deployment:
         os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(MAX_MESSAGE_BYTES))
         self.cluster = None
         if address:
-            ray.init(address=address, namespace="moe-serve", logging_level="warning")
+            ray.init(address=address, namespace=FLEET_NAMESPACE, logging_level="warning")
         else:
             self.cluster = start_local_cluster(nodes)
         self.fleet = None
@@ -53,7 +54,7 @@ class Deployment:
             if shards:
                 node_ids = tuple(self.cluster.node_ids) if self.cluster else ()
                 self.fleet = start_fleet(FleetSpec(checkpoint=str(checkpoint), num_shards=shards, node_ids=node_ids,
-                                                   shard_cpus=0.05), namespace="moe-serve")
+                                                   shard_cpus=0.05), namespace=FLEET_NAMESPACE)
             settings = ServeSettings(checkpoint=str(checkpoint), fleet_name=FLEET_NAME if shards else None, **settings)
             serve.start(http_options={"host": host, "port": http_port},
                         grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICERS})

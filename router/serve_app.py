@@ -12,11 +12,6 @@ from router.ingress import Ingress
 from router.serve_router import Router
 from router.settings import ServeSettings
 
-GRPC_SERVICERS = [
-    "protos.moeserve.v1.moeserve_pb2_grpc.add_MoeServeServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
-APP_NAME = "moe-serve"
 
 
 def build_app(settings: ServeSettings, min_routers: int = 1, max_routers: int | None = None,

@@ -6,13 +6,15 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from router.app_spec import FLEET_NAMESPACE
+
 
 @dataclass(frozen=True)
 class ServeSettings:
     checkpoint: str
     model_name: str = ""  # what clients name in requests; defaults to the checkpoint folder's name
     fleet_name: str | None = None  # the expert fleet actor; None: every expert inside the router
-    fleet_namespace: str = "moe-serve"
+    fleet_namespace: str = FLEET_NAMESPACE
     # When the fleet is not running yet, the first router replica starts it with these (on KubeRay: the
     # expert worker group's nodes; "cuda" gives each shard one GPU).
     shards: int = 0

@@ -309,16 +309,16 @@ def test_serve_config_parses_and_names_the_app(rendered, tiny_checkpoint, name):
     from ray._common.utils import import_attr
 
     import router.serve_app
+    from router import app_spec
     from router.settings import ServeSettings
 
     rs = rayservice(rendered[name])
     config = _serve_config(rs)
     assert serve_config_errors(config) == []
     [app] = config["applications"]
-    assert app["name"] == router.serve_app.APP_NAME
+    assert app["name"] == app_spec.APP_NAME  # the names `moe-serve up` deploys with (cluster/serve_up.py)
     assert import_attr(app["import_path"]) is router.serve_app.app_builder
-    assert config["grpc_options"]["grpc_servicer_functions"] == router.serve_app.GRPC_SERVICERS
-    assert kustomize.GRPC_SERVICERS == router.serve_app.GRPC_SERVICERS
+    assert config["grpc_options"]["grpc_servicer_functions"] == app_spec.GRPC_SERVICERS
     for path in config["grpc_options"]["grpc_servicer_functions"]:
         import_attr(path)  # what the proxy imports on every node
     args = app["args"]
