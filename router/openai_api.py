@@ -14,17 +14,18 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
-from typing import Annotated, Any, ContextManager, Literal, Protocol
+from typing import Any, ContextManager, Protocol
 
 import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from router.auth import check_bearer
+from router.openai_schema import (ApiError, ChatBody, CompletionBody, SamplingBody, bad_request, check_unsupported,
+                                  internal_error, sampling_params, validation_error)
 from router.request import GenerationOutput, GenerationRequest, InvalidRequestError, OverloadedError, Usage
-from router.sampling import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,6 @@ MIN_LOGPROB = -9999.0  # what OpenAI reports for -inf: JSON has no infinity
 MAX_REQUEST_ID_CHARS = 128
 # Engine finish reasons that OpenAI has no word for keep their own; "deadline" reads better as "timeout".
 FINISH_REASONS = {"deadline": "timeout"}
-# OpenAI fields we do not implement: a client that sets them would silently get something else. None and the
-# values listed (the "off" settings) are accepted.
-UNSUPPORTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},), "tools": ([],),
-               "functions": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},)}
-
 
 # ----------------------------------------------------------------------------- engine side
 
@@ -69,161 +65,6 @@ class LocalEngineClient:
 
 def _no_trace(headers: Mapping[str, str]) -> ContextManager:
     return contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def _bad(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param)
-
-
-def _internal(e: BaseException) -> ApiError:
-    # The type name helps whoever reads the server log; the stack trace stays there.
-    return ApiError(500, f"internal error ({type(e).__name__}); the server log has the details", "server_error")
-
-
-def _loc_name(loc: tuple) -> str:
-    """("messages", 0, "role") -> "messages[0].role"."""
-    name = ""
-    for part in loc:
-        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
-    return name
-
-
-def _validation_error(err: ValidationError) -> ApiError:
-    """pydantic's list of problems -> one sentence that names the field (the first problem is enough to fix)."""
-    first = err.errors(include_url=False)[0]
-    if first["type"] == "json_invalid":
-        return _bad(f"the request body is not valid JSON: {first['ctx']['error']}")
-    param = _loc_name(first["loc"])
-    if not param:
-        return _bad("the request body must be a JSON object")
-    if first["type"] == "missing":
-        return _bad(f"{param} is required", param)
-    what = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"][0].lower() + first["msg"][1:]
-    given = json.dumps(first["input"], ensure_ascii=False, default=str)  # as the client wrote it
-    return _bad(f"{param}: {what}" + (f", got {given}" if len(given) <= 40 else ""), param)
-
-
-# ----------------------------------------------------------------------------- request bodies
-
-
-def _token_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
-def _prompt(value: Any) -> str | list[int]:
-    if isinstance(value, list) and len(value) == 1 and (isinstance(value[0], str) or _token_ids(value[0])):
-        value = value[0]  # a batch of one, as some clients always send
-    if not (isinstance(value, str) or _token_ids(value)):
-        raise ValueError("must be a string or a list of token ids (one prompt per request)")
-    if not value:
-        raise ValueError("must not be empty")
-    return value
-
-
-def _stop(value: Any) -> Any:
-    if value is not None and not isinstance(value, str) and not (
-            isinstance(value, list) and all(isinstance(s, str) for s in value)):
-        raise ValueError("must be a string or a list of strings")
-    return value
-
-
-def _content(value: Any) -> str | list[dict]:
-    if value is None or isinstance(value, str):
-        return value or ""
-    if not isinstance(value, list):
-        raise ValueError("must be a string or a list of content parts")
-    for part in value:
-        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-            raise ValueError('only text parts ({"type": "text", "text": ...}) are supported')
-    return value
-
-
-class _Body(BaseModel):
-    # strict: "0.7" is not a temperature and true is not 1. Unknown fields are allowed: clients send ones we
-    # ignore (user, metadata), and UNSUPPORTED catches the ones that would change the answer.
-    model_config = ConfigDict(strict=True, extra="allow")
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _SamplingBody(_Body):
-    """Fields both endpoints share. None means "the default", so clients that send explicit nulls work."""
-
-    model: str | None = None  # None: the one model served
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    n: int | None = None
-    stop: Annotated[Any, AfterValidator(_stop)] = None
-    stop_token_ids: list[int] | None = None  # vLLM's extension
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-
-
-class CompletionBody(_SamplingBody):
-    prompt: Annotated[Any, AfterValidator(_prompt)]
-    max_tokens: int | None = Field(None, ge=1)  # None: 16, as OpenAI
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: Annotated[Any, AfterValidator(_content)] = None
-
-
-class ChatBody(_SamplingBody):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "ignore_eos")
-
-
-def _check_unsupported(body: _Body) -> None:
-    for name, value in (body.model_extra or {}).items():
-        if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
-            raise _bad(f"{name} is not supported by this server", name)
-
-
-def _sampling_params(body: _SamplingBody, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    if body.n not in (None, 1):
-        raise _bad(f"n: only n=1 is supported (send {body.n} requests instead), got {body.n}", "n")
-    fields = {name: getattr(body, name) for name in SAMPLING_FIELDS}
-    fields.update(max_tokens=max_tokens, logprobs=logprobs)
-    try:
-        return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
-    except SamplingParamsError as e:  # its message starts with the parameter's name
-        raise _bad(str(e), str(e).split(" ", 1)[0]) from None
 
 
 # ----------------------------------------------------------------------------- endpoints
@@ -272,16 +113,16 @@ class _Endpoint:
         prompt = self.prompt_ids()
         max_tokens, logprobs = self.limits(len(prompt))
         self._check_context(len(prompt), max_tokens)
-        return GenerationRequest(self.id, tuple(prompt), _sampling_params(self.body, max_tokens, logprobs))
+        return GenerationRequest(self.id, tuple(prompt), sampling_params(self.body, max_tokens, logprobs))
 
     def _check_context(self, prompt_len: int, max_tokens: int | None) -> None:
         # The engine checks this too; checking here names the field to change.
         limit = self.client.max_model_len
         if prompt_len >= limit:
-            raise _bad(f"the prompt is {prompt_len} tokens but the context length is {limit} tokens "
+            raise bad_request(f"the prompt is {prompt_len} tokens but the context length is {limit} tokens "
                        "(and at least one token must be left to generate)", self.context_param)
         if max_tokens is not None and prompt_len + max_tokens > limit:
-            raise _bad(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {prompt_len + max_tokens} "
+            raise bad_request(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {prompt_len + max_tokens} "
                        f"exceeds the context length of {limit} tokens", "max_tokens")
 
     def _envelope(self, choices: list[dict], chunk: bool) -> dict:
@@ -347,13 +188,13 @@ class _Chat(_Endpoint):
         try:
             text = self.tok.apply_chat_template(messages, add_generation_prompt=True)
         except jinja2.TemplateError as e:  # the checkpoint's template refuses this conversation
-            raise _bad(f"messages: the chat template rejected them: {e}", "messages") from None
+            raise bad_request(f"messages: the chat template rejected them: {e}", "messages") from None
         return self.tok.encode(text, add_bos=False)  # the template already starts with BOS
 
     def limits(self, prompt_len: int) -> tuple[int | None, int | None]:
         body = self.body
         if body.top_logprobs is not None and not body.logprobs:
-            raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         # Like OpenAI, no limit means "until the context is full".
         max_tokens = body.max_completion_tokens or body.max_tokens or max(self.client.max_model_len - prompt_len, 1)
         return max_tokens, (body.top_logprobs or 0) if body.logprobs else None
@@ -401,7 +242,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _request_id(request: Request) -> str | None:
     rid = request.headers.get("x-request-id")
     if rid is not None and not (0 < len(rid) <= MAX_REQUEST_ID_CHARS and rid.isascii() and rid.isprintable()):
-        raise _bad(f"the X-Request-Id header must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters")
+        raise bad_request(f"the X-Request-Id header must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters")
     return rid
 
 
@@ -428,7 +269,7 @@ async def _first_output(outputs: AsyncGenerator[GenerationOutput, None]) -> Gene
     try:
         return await anext(outputs)
     except InvalidRequestError as e:
-        raise _bad(str(e)) from None
+        raise bad_request(str(e)) from None
     except OverloadedError as e:
         raise ApiError(429, str(e), "rate_limit_exceeded", code="rate_limit_exceeded",
                        headers={"Retry-After": "1"}) from None
@@ -475,7 +316,7 @@ async def _events(endpoint: _Endpoint, first: GenerationOutput,
                 out = await anext(outputs)
         except Exception as e:  # headers are sent: the error can only be told in the stream
             log.exception("stream %s failed", endpoint.id)
-            yield _sse(_internal(e).body())
+            yield _sse(internal_error(e).body())
         yield b"data: [DONE]\n\n"
 
 
@@ -491,14 +332,14 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def _serve(request: Request, endpoint_cls: type[_Endpoint], body_cls: type[_SamplingBody],
+async def _serve(request: Request, endpoint_cls: type[_Endpoint], body_cls: type[SamplingBody],
                  client_getter: Callable[[], EngineClient], max_body_bytes: int,
                  trace_context: Callable[[Mapping[str, str]], ContextManager]) -> Response:
     try:
         body = body_cls.model_validate_json(await _read_body(request, max_body_bytes))
     except ValidationError as e:
-        raise _validation_error(e) from None
-    _check_unsupported(body)
+        raise validation_error(e) from None
+    check_unsupported(body)
     client = _get_client(client_getter)
     _check_model(body.model, client)
     endpoint = endpoint_cls(body, client, _request_id(request))
@@ -551,7 +392,7 @@ def build_openai_app(client_getter: Callable[[], EngineClient], api_token: str |
             raise
         except Exception as e:
             log.exception("%s %s failed", request.method, request.url.path)
-            raise _internal(e) from None
+            raise internal_error(e) from None
 
     started = int(time.time())
 
