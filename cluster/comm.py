@@ -4,7 +4,9 @@ Routers and shards come and go, so there is no global ``init_process_group`` tha
 router replica owns one torch.distributed process group with the shards it talks to (rank 0 = the router,
 ranks 1..N = shards), built directly from a store, torn down when the router leaves or the placement epoch
 changes. A shard process holds one group object per router. gloo on CPU, NCCL on CUDA, chosen at construction.
-Every operation has a timeout: a peer that stops answering becomes an error, never a hang.
+Every operation has a timeout: a peer that stops answering becomes an error, never a hang. Members also
+tell each other their shm domain, so a router and a shard on one host can move payloads through shared
+memory (``cluster.shm``) while the group carries only headers.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+
+from cluster.shm import shm_domain
 
 ROUTER_RANK = 0
 
@@ -29,6 +33,7 @@ class Rendezvous:
     world_size: int
     backend: str  # "gloo" or "nccl"
     timeout_s: float  # the router's bound on any exchange
+    shm_prefix: str = ""  # names the pair buffers of same-host members; "": every payload over the group
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,8 +53,9 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def new_rendezvous(group_id: str, world_size: int, backend: str, timeout_s: float, host: str) -> Rendezvous:
-    return Rendezvous(group_id, host, free_port(host), world_size, backend, timeout_s)
+def new_rendezvous(group_id: str, world_size: int, backend: str, timeout_s: float, host: str,
+                   shm_prefix: str = "") -> Rendezvous:
+    return Rendezvous(group_id, host, free_port(host), world_size, backend, timeout_s, shm_prefix)
 
 
 @dataclass
@@ -60,6 +66,12 @@ class Group:
     rank: int
     store: dist.Store
     pg: dist.ProcessGroup
+    domains: tuple[str, ...]  # each rank's shm domain ("": none)
+
+    def shares_memory_with(self, rank: int) -> bool:
+        """Whether payloads to ``rank`` go through a shared-memory buffer (both sides agree on this)."""
+        mine = self.domains[self.rank]
+        return bool(self.rendezvous.shm_prefix and mine) and self.domains[rank] == mine
 
     def send(self, tensor: torch.Tensor, dst: int) -> dist.Work:
         return self.pg.send([tensor], dst, 0)
@@ -84,6 +96,7 @@ def join(rdv: Rendezvous, rank: int, local_host: str, timeout_s: float | None = 
     store = dist.TCPStore(rdv.host, rdv.port, rdv.world_size, is_master=rank == ROUTER_RANK,
                           timeout=datetime.timedelta(seconds=max(rdv.timeout_s, 30)), wait_for_workers=False)
     prefixed = dist.PrefixStore(rdv.group_id + "/", store)
+    prefixed.set(f"shm_domain/{rank}", shm_domain())
     if rdv.backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = timeout
@@ -96,4 +109,6 @@ def join(rdv: Rendezvous, rank: int, local_host: str, timeout_s: float | None = 
         pg = dist.ProcessGroupNCCL(prefixed, rank, rdv.world_size, opts)
     else:
         raise ValueError(f"unknown backend {rdv.backend!r}; expected 'gloo' or 'nccl'")
-    return Group(rdv, rank, store, pg)
+    # Each member set its key before forming its process group (a get waits for one not there yet).
+    domains = tuple(prefixed.get(f"shm_domain/{r}").decode() for r in range(rdv.world_size))
+    return Group(rdv, rank, store, pg, domains)

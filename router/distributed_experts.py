@@ -3,6 +3,7 @@
 Same interface as ``LocalExperts``. Per MoE layer: every shard gets a header (counts), then its rows (already
 scaled by the routing score) with local expert ids; while they are away the router runs the shared expert;
 ``combine`` waits for every shard's outputs and puts them back in token order. No Ray call on this path.
+A shard on the router's host gets its rows through a shared buffer instead of the group (``shard_links``).
 
 Shape legend: T tokens, K top-k, S = T*K rows, D hidden, N shards, E experts of a layer.
 """
@@ -10,13 +11,15 @@ Shape legend: T tokens, K top-k, S = T*K rows, D hidden, N shards, E experts of 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
 from cluster.comm import Group
 from cluster.placement import Placement
-from expert_workers.wire import OP_CLOSE, OP_EXPERTS, header
+from expert_workers.wire import OP_CLOSE, header
 from models.seam import DispatchHandle, ExpertSeam, RouteLayout, gather_scaled_rows, route_layout, scatter_sum
+from router.shard_links import GroupLink, Pending, ShmLink
 from router.tracing import tracer
 
 
@@ -26,11 +29,10 @@ class ExpertExchangeError(RuntimeError):
 
 @dataclass(frozen=True)
 class _Exchange:
-    """Rows in flight for one layer."""
+    """Rows in flight for one layer: one part per shard."""
 
-    order_S: torch.Tensor  # expert-major row -> its position in shard-major order
-    sends: tuple  # send works (kept so the buffers stay alive until sent)
-    recvs: tuple[tuple[int, torch.Tensor, object], ...]  # (shard, output buffer [n, D], recv work)
+    num_rows: int  # S
+    parts: tuple[Pending, ...]
 
 
 class DistributedExperts(ExpertSeam):
@@ -50,6 +52,19 @@ class DistributedExperts(ExpertSeam):
                     local[s, e] = i
             self._local_NE[layer] = local.to(device)
             self._replicated[layer] = [e for e, r in enumerate(reps) if len(r) > 1]
+        shm_ok = torch.device(device).type == "cpu"
+        self._links = [(ShmLink if shm_ok and group.shares_memory_with(s + 1) else GroupLink)(
+            group, s, hidden, dtype, device) for s in range(N)]
+
+    @property
+    def payload_paths(self) -> tuple[str, ...]:
+        """Per shard: "shm" (rows through a shared buffer) or "group" (rows as messages of the group)."""
+        return tuple(link.path for link in self._links)
+
+    @property
+    def buffer_rows(self) -> tuple[int, ...]:
+        """Per shard: rows its shared buffer holds now (0: none yet, or not shared)."""
+        return tuple(link.capacity for link in self._links)
 
     def dispatch(self, layer_idx: int, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                  scores_TK: torch.Tensor) -> DispatchHandle:
@@ -71,38 +86,32 @@ class DistributedExperts(ExpertSeam):
         # expert-major -> shard-major; stable, so each shard's rows stay grouped by its local experts
         order_S = torch.argsort(shard_S, stable=True)
         counts_N = torch.bincount(shard_S, minlength=self.placement.num_shards).tolist()  # device-to-host sync
-        rows_by_shard = rows_SD[order_S].split(counts_N)
-        local_by_shard = local_S[order_S].split(counts_N)
-        sends, recvs = [], []
-        for shard, n in enumerate(counts_N):
-            rank = shard + 1
-            sends.append(self.group.send(header(OP_EXPERTS, layer_idx, n, self.device), rank))  # even when n == 0
-            if n:
-                sends.append(self.group.send(rows_by_shard[shard].contiguous(), rank))
-                sends.append(self.group.send(local_by_shard[shard].contiguous(), rank))
-                out_nD = torch.empty(n, self.hidden, dtype=self.dtype, device=self.device)
-                recvs.append((shard, out_nD, self.group.recv(out_nD, rank)))
-        return DispatchHandle(layer_idx, layout, _Exchange(order_S, tuple(sends), tuple(recvs)))
+        parts = tuple(link.post(layer_idx, rows_SD, local_S, index_n)  # every shard, even with no rows
+                      for link, index_n in zip(self._links, order_S.split(counts_N)))
+        return DispatchHandle(layer_idx, layout, _Exchange(order_S.numel(), parts))
 
     def _combine(self, handle: DispatchHandle) -> torch.Tensor:
         ex: _Exchange = handle.in_flight
-        for work in ex.sends:
-            self._wait(work, None)
-        for shard, _, work in ex.recvs:
-            self._wait(work, shard)
-        S = ex.order_S.numel()
-        out_SD = torch.empty(S, self.hidden, dtype=self.dtype, device=self.device)
-        if ex.recvs:
-            out_SD[ex.order_S] = torch.cat([buf for _, buf, _ in ex.recvs])  # shard-major -> expert-major
+        out_SD = torch.empty(ex.num_rows, self.hidden, dtype=self.dtype, device=self.device)
+        for part in ex.parts:
+            for work in part.works:
+                self._wait(work, part.shard)
+            n = part.index_n.numel()
+            if part.ack_1 is not None and part.ack_1.item() != n:
+                self._fail(part.shard, f"answered {part.ack_1.item()} rows, expected {n}")
+            if n:
+                out_SD[part.index_n] = part.out_nD  # shard-major -> expert-major (copied out of a shared buffer)
         return scatter_sum(out_SD, handle.layout)
 
     def close(self) -> None:
         """Leave the group: every shard's loop for this router ends."""
         try:
             for shard in range(self.placement.num_shards):
-                self.group.send(header(OP_CLOSE, 0, 0, self.device), shard + 1).wait()
+                self.group.send(header(OP_CLOSE, 0, 0, device=self.device), shard + 1).wait()
         except RuntimeError:
             pass  # a dead shard has nothing to close
+        for link in self._links:
+            link.release()
         self.group.close()
 
     def _shards(self, layer: int, layout: RouteLayout, expert_S: torch.Tensor) -> torch.Tensor:
@@ -120,11 +129,15 @@ class DistributedExperts(ExpertSeam):
                 start += count
         return shard_S
 
-    def _wait(self, work, shard: int | None) -> None:
+    def _wait(self, work, shard: int) -> None:
         try:
             work.wait()
         except RuntimeError as e:
-            who = f"shard {shard}" if shard is not None else "a shard"
-            raise ExpertExchangeError(
-                f"expert exchange with {who} of group {self.group.rendezvous.group_id} failed or timed out "
-                f"after {self.group.rendezvous.timeout_s:.0f} s: {str(e).splitlines()[0][:200]}") from e
+            self._fail(shard, f"failed or timed out after {self.group.rendezvous.timeout_s:.0f} s: "
+                              f"{str(e).splitlines()[0][:200]}", e)
+
+    def _fail(self, shard: int, what: str, cause: Exception | None = None) -> NoReturn:
+        for link in self._links:  # the group is broken: leave no shared file behind
+            link.release()
+        raise ExpertExchangeError(f"expert exchange with shard {shard} of group "
+                                  f"{self.group.rendezvous.group_id} {what}") from cause
