@@ -114,12 +114,13 @@ def _generate(args) -> int:
     import torch
 
     from models.generate import greedy_generate
-    from models.loading import load_model
+    from models.loading import load_model, resident_weight_dtype
 
     def run(model) -> list[int]:
         return greedy_generate(model, torch.tensor([prompt_ids]), args.max_tokens, tokenizer.eos_token_ids)[0].tolist()
 
-    new_ids = _with_shards(checkpoint, cfg, args.shards, args.nodes, run) if args.shards else run(load_model(checkpoint))
+    new_ids = _with_shards(checkpoint, cfg, args.shards, args.nodes, run) if args.shards else run(load_model(
+        checkpoint, weight_dtype=resident_weight_dtype(checkpoint, torch.float32)))
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"token_ids": new_ids, "text": text}))

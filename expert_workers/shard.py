@@ -15,7 +15,7 @@ import torch
 
 from models.checkpoint import CheckpointReader
 from models.config import load_config
-from models.expert_math import grouped_swiglu
+from models.expert_math import grouped_swiglu, kernel_layout
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class ExpertShard:
     def __init__(self, experts: Mapping[int, Sequence[int]], gate_up: Mapping[int, torch.Tensor],
                  down: Mapping[int, torch.Tensor]):
         self.experts = {layer: tuple(ids) for layer, ids in experts.items()}  # layer -> global expert ids
-        self.gate_up_EDF2, self.down_EFD = dict(gate_up), dict(down)
+        self.gate_up_EDF2 = {layer: kernel_layout(w) for layer, w in gate_up.items()}
+        self.down_EFD = {layer: kernel_layout(w) for layer, w in down.items()}
 
     @classmethod
     def load(cls, checkpoint: str | Path, experts: Mapping[int, Sequence[int]], dtype: torch.dtype,

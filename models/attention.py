@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from models.config import Llama4Config
-from models.layers import apply_rope, l2_norm
+from models.layers import Linear, apply_rope, l2_norm
 
 
 class AttentionBackend(Protocol):
@@ -42,10 +42,10 @@ class Attention(nn.Module):
         self.use_qk_norm = cfg.use_qk_norm and self.use_rope
         self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
         H, Hkv, Dh, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = nn.Linear(D, H * Dh, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(D, Hkv * Dh, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(D, Hkv * Dh, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(H * Dh, D, bias=cfg.attention_bias)
+        self.q_proj = Linear(D, H * Dh, bias=cfg.attention_bias)
+        self.k_proj = Linear(D, Hkv * Dh, bias=cfg.attention_bias)
+        self.v_proj = Linear(D, Hkv * Dh, bias=cfg.attention_bias)
+        self.o_proj = Linear(H * Dh, D, bias=cfg.attention_bias)
 
     def forward(self, x_TD: torch.Tensor, pos_T: torch.Tensor, rope_TF: tuple[torch.Tensor, torch.Tensor],
                 backend: AttentionBackend) -> torch.Tensor:

@@ -124,6 +124,10 @@ class CheckpointReader:
         file, key = self._locate(name)
         return file.shape(key)
 
+    def dtype(self, name: str) -> torch.dtype:
+        file, key = self._locate(name)
+        return file.dtype(key)
+
     def _check_shape(self, name: str, expected: tuple[int, ...] | None) -> tuple[SafetensorsFile, str]:
         file, key = self._locate(name)
         if expected is not None and tuple(file.shape(key)) != tuple(expected):

@@ -11,26 +11,46 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from models import cpu_kernels
+
 
 def grouped_swiglu(x_SD: torch.Tensor, counts_E: Sequence[int], gate_up_EDF2: torch.Tensor,
                    down_EFD: torch.Tensor) -> torch.Tensor:
     """Expert e's rows are ``x_SD[sum(counts_E[:e]) : sum(counts_E[:e+1])]``; returns [S, D] in the same order.
 
     ``counts_E`` are host ints (the caller owns the device-to-host sync). Experts with no rows cost nothing.
-    On CUDA in bf16, one grouped matmul per projection where this torch has one.
+    On CUDA in bf16, one grouped matmul per projection where this torch has one. On CPU in decode, the
+    grouped kernel of ``models.cpu_kernels`` when the weights are held in kernel layout (see ``kernel_layout``).
     """
     if _grouped_mm_ok(x_SD, gate_up_EDF2):
         return _grouped_swiglu_cuda(x_SD, counts_E, gate_up_EDF2, down_EFD)
+    if not x_SD.is_cuda and _transposed(gate_up_EDF2) and _transposed(down_EFD):
+        h_SF2 = cpu_kernels.grouped_linear(x_SD, counts_E, gate_up_EDF2.transpose(1, 2))
+        if h_SF2 is not None:
+            gate_SF, up_SF = h_SF2.chunk(2, dim=-1)
+            return cpu_kernels.grouped_linear(F.silu(gate_SF) * up_SF, counts_E, down_EFD.transpose(1, 2))
     out_SD = torch.empty_like(x_SD)
     start = 0
     for e, n in enumerate(counts_E):
         if n == 0:
             continue
         rows_nD = x_SD[start:start + n]
-        gate_nF, up_nF = (rows_nD @ gate_up_EDF2[e]).chunk(2, dim=-1)
-        out_SD[start:start + n] = (F.silu(gate_nF) * up_nF) @ down_EFD[e]
+        gate_nF, up_nF = (rows_nD @ gate_up_EDF2[e].to(x_SD.dtype)).chunk(2, dim=-1)  # weights may be narrower
+        out_SD[start:start + n] = (F.silu(gate_nF) * up_nF) @ down_EFD[e].to(x_SD.dtype)
         start += n
     return out_SD
+
+
+def kernel_layout(w_EKN: torch.Tensor) -> torch.Tensor:
+    """The same logical [E, K, N] tensor stored as [E, N, K]: each output's weights contiguous, as the CPU
+    decode kernel streams them. Only on CPU (CUDA's grouped matmul wants the checkpoint's orientation)."""
+    if w_EKN.is_cuda or _transposed(w_EKN):
+        return w_EKN
+    return w_EKN.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _transposed(w_EKN: torch.Tensor) -> bool:
+    return w_EKN.dim() == 3 and w_EKN.transpose(1, 2).is_contiguous()
 
 
 def _grouped_mm_ok(x_SD: torch.Tensor, w_EDF2: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import cpu_kernels
 from models.config import Llama4Config
 
 
@@ -31,14 +32,22 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict names) whose few-row CPU products, the decode regime, go
+    through ``models.cpu_kernels``; everything else is ``F.linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.linear(x, self.weight, self.bias)
+
+
 class SwiGLU(nn.Module):
     """Dense FFN and shared expert: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, hidden: int, ffn: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
-        self.up_proj = nn.Linear(hidden, ffn, bias=False)
-        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+        self.gate_proj = Linear(hidden, ffn, bias=False)
+        self.up_proj = Linear(hidden, ffn, bias=False)
+        self.down_proj = Linear(ffn, hidden, bias=False)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))

@@ -11,7 +11,7 @@ from torch import nn
 from models.attention import Attention, AttentionBackend
 from models.config import Llama4Config
 from models.kv_cache import SimpleKVCache
-from models.layers import RMSNorm, SwiGLU, rope_cos_sin, rope_inv_freq
+from models.layers import Linear, RMSNorm, SwiGLU, rope_cos_sin, rope_inv_freq
 from models.moe import MoEFeedForward
 from models.seam import ExpertSeam, LocalExperts
 
@@ -46,7 +46,7 @@ class Llama4TextModel(nn.Module):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
             self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.experts) for i in range(cfg.num_hidden_layers))
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if dtype is not None:
             self.to(dtype)
         # Not a buffer: it is derived from the config, never loaded, and stays fp32 whatever the weights are.
@@ -69,7 +69,7 @@ class Llama4TextModel(nn.Module):
         ``pos_T`` are absolute positions; ``backend`` knows which sequence each token belongs to.
         """
         rope_TF = rope_cos_sin(self.inv_freq.to(token_ids_T.device), pos_T)
-        h_TD = self.embed_tokens(token_ids_T)
+        h_TD = self.embed_tokens(token_ids_T).to(self.norm.weight.dtype)  # embeddings may be held narrower
         for layer in self.layers:
             h_TD = layer(h_TD, pos_T, rope_TF, backend)
         return h_TD

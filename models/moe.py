@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from models.config import Llama4Config
-from models.layers import SwiGLU
+from models.layers import Linear, SwiGLU
 from models.seam import ExpertSeam, top_k_gate
 
 
@@ -17,7 +17,7 @@ class MoEFeedForward(nn.Module):
     def __init__(self, cfg: Llama4Config, layer_idx: int, experts: ExpertSeam):
         super().__init__()
         self.layer_idx, self.top_k = layer_idx, cfg.num_experts_per_tok
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.router = Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         self.shared_expert = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         # The seam is owned by the model, not by each layer: a plain attribute keeps it out of this
         # layer's state dict (expert weights live with the seam, here or on other machines).

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from models.config import Llama4Config
-from models.expert_math import grouped_swiglu
+from models.expert_math import grouped_swiglu, kernel_layout
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ class LocalExperts(ExpertSeam, nn.Module):
 
     def load_layer(self, layer_idx: int, gate_up_EDF2: torch.Tensor, down_EFD: torch.Tensor) -> None:
         key = str(layer_idx)
-        self.gate_up_EDF2[key] = nn.Parameter(gate_up_EDF2, requires_grad=False)
-        self.down_EFD[key] = nn.Parameter(down_EFD, requires_grad=False)
+        self.gate_up_EDF2[key] = nn.Parameter(kernel_layout(gate_up_EDF2), requires_grad=False)
+        self.down_EFD[key] = nn.Parameter(kernel_layout(down_EFD), requires_grad=False)
 
     def dispatch(self, layer_idx: int, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                  scores_TK: torch.Tensor) -> DispatchHandle:

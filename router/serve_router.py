@@ -41,7 +41,8 @@ class Router:
                                            timeout_s=s.exchange_timeout_s)
             self.epoch, self.num_shards = self.experts.placement.epoch, self.experts.placement.num_shards
         self.tokenizer = Tokenizer.from_dir(s.checkpoint)
-        model = load_model(s.checkpoint, dtype=dtype, device=s.device, experts=self.experts)
+        model = load_model(s.checkpoint, dtype=dtype, device=s.device, experts=self.experts,
+                           weight_dtype=s.resident_weight_dtype())
         engine = Engine(model, self.tokenizer, s.engine_config())
         self.cfg, self.max_model_len = cfg, engine.max_model_len
         self.warmup_error = _warm_up(engine)  # before the engine thread owns it: plain synchronous steps

@@ -23,7 +23,10 @@ class ServeSettings:
     shard_cpus: float = 0.1
     shard_resources: dict[str, float] | None = None  # e.g. {"moe_expert": 1}: shards only on expert nodes
     device: str = "cpu"  # the router's dense part: "cuda" on GPU router nodes
-    dtype: str = "float32"
+    dtype: str = "float32"  # activations and arithmetic
+    # matrices as held in memory; "auto": a bf16 checkpoint stays bf16 on CPU with fp32 arithmetic (see
+    # models.loading.resident_weight_dtype), else ``dtype``
+    weight_dtype: str = "auto"
     kv_cache_bytes: int = 256 << 20
     max_num_seqs: int = 64
     max_tokens_per_step: int = 512
@@ -40,9 +43,20 @@ class ServeSettings:
             raise ValueError(f"device={self.device!r}: expected cpu or cuda")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+        if self.weight_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"weight_dtype={self.weight_dtype!r}: expected auto, float32, bfloat16 or float16")
         for name in ("kv_cache_bytes", "max_num_seqs", "max_tokens_per_step", "max_waiting", "max_request_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be positive")
+
+    def resident_weight_dtype(self):
+        import torch
+
+        from models.loading import resident_weight_dtype
+
+        if self.weight_dtype != "auto":
+            return getattr(torch, self.weight_dtype)
+        return resident_weight_dtype(self.checkpoint, getattr(torch, self.dtype), self.device)
 
     def engine_config(self):
         from router.engine import EngineConfig
