@@ -12,6 +12,7 @@ import torch
 from cluster.comm import Rendezvous, join
 from expert_workers.serve_loop import serve_group
 from expert_workers.shard import ExpertShard
+from models.loading import resident_weight_dtype
 
 # A shard waits for its router's next layer as long as the router lives; the router bounds every exchange.
 SHARD_IDLE_TIMEOUT_S = 24 * 3600.0
@@ -22,9 +23,11 @@ class ExpertShardActor:
                  device: str = "cpu"):
         self.shard_id, self.dtype = shard_id, getattr(torch, dtype)
         self.device = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
-        self.shard, self.report = ExpertShard.load(checkpoint, {int(k): v for k, v in experts.items()},
-                                                   self.dtype, self.device)
-        self.hidden = next(iter(self.shard.gate_up_EDF2.values())).shape[1]
+        # Rows arrive in ``dtype``; the weights stay as the checkpoint holds them where the CPU kernels allow.
+        self.shard, self.report = ExpertShard.load(
+            checkpoint, {int(k): v for k, v in experts.items()}, self.dtype, self.device,
+            weight_dtype=resident_weight_dtype(checkpoint, self.dtype, self.device))
+        self.hidden = self.shard.hidden
         self.rows_served: Counter = Counter()
         self._groups: dict[str, tuple[threading.Thread, threading.Event]] = {}
 

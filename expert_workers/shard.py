@@ -15,7 +15,7 @@ import torch
 
 from models.checkpoint import CheckpointReader
 from models.config import load_config
-from models.expert_math import grouped_swiglu, kernel_layout
+from models.expert_math import grouped_swiglu, pack_experts
 
 
 @dataclass(frozen=True)
@@ -27,15 +27,23 @@ class LoadReport:
 
 class ExpertShard:
     def __init__(self, experts: Mapping[int, Sequence[int]], gate_up: Mapping[int, torch.Tensor],
-                 down: Mapping[int, torch.Tensor]):
+                 down: Mapping[int, torch.Tensor], activation_dtype: torch.dtype | None = None):
+        """``gate_up`` [E, D, 2F] and ``down`` [E, F, D] per layer; packed for the CPU kernels where they apply."""
         self.experts = {layer: tuple(ids) for layer, ids in experts.items()}  # layer -> global expert ids
-        self.gate_up_EDF2 = {layer: kernel_layout(w) for layer, w in gate_up.items()}
-        self.down_EFD = {layer: kernel_layout(w) for layer, w in down.items()}
+        self.hidden = next(iter(gate_up.values())).shape[1]
+        self.gate_up_EDF2, self.down_EFD = {}, {}
+        for layer in gate_up:
+            self.gate_up_EDF2[layer], self.down_EFD[layer] = pack_experts(gate_up[layer], down[layer],
+                                                                          activation_dtype)
 
     @classmethod
     def load(cls, checkpoint: str | Path, experts: Mapping[int, Sequence[int]], dtype: torch.dtype,
-             device: str | torch.device = "cpu") -> tuple["ExpertShard", LoadReport]:
-        """Read only this shard's experts from the checkpoint (sliced reads of the fused tensors)."""
+             device: str | torch.device = "cpu", weight_dtype: torch.dtype | None = None
+             ) -> tuple["ExpertShard", LoadReport]:
+        """Read only this shard's experts from the checkpoint (sliced reads of the fused tensors).
+
+        ``dtype`` is the rows' (the arithmetic's); the weights are held in ``weight_dtype`` (default ``dtype``).
+        """
         t0 = time.perf_counter()
         cfg = load_config(checkpoint)
         gate_up, down = {}, {}
@@ -43,11 +51,11 @@ class ExpertShard:
             for layer, ids in experts.items():
                 w = reader.read_experts(layer, list(ids), cfg.num_local_experts, cfg.hidden_size,
                                         cfg.intermediate_size)
-                gate_up[layer] = w.gate_up_EDF2.to(device=device, dtype=dtype)
-                down[layer] = w.down_EFD.to(device=device, dtype=dtype)
+                gate_up[layer] = w.gate_up_EDF2.to(device=device, dtype=weight_dtype or dtype)
+                down[layer] = w.down_EFD.to(device=device, dtype=weight_dtype or dtype)
             bytes_read = reader.bytes_read
         report = LoadReport(bytes_read, time.perf_counter() - t0, sum(len(v) for v in experts.values()))
-        return cls(experts, gate_up, down), report
+        return cls(experts, gate_up, down, activation_dtype=dtype), report
 
     def forward(self, layer: int, rows_nD: torch.Tensor, local_ids_n: torch.Tensor) -> torch.Tensor:
         """Expert outputs [n, D] for rows grouped by local expert (``local_ids_n`` non-decreasing)."""

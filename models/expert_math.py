@@ -19,16 +19,15 @@ def grouped_swiglu(x_SD: torch.Tensor, counts_E: Sequence[int], gate_up_EDF2: to
     """Expert e's rows are ``x_SD[sum(counts_E[:e]) : sum(counts_E[:e+1])]``; returns [S, D] in the same order.
 
     ``counts_E`` are host ints (the caller owns the device-to-host sync). Experts with no rows cost nothing.
-    On CUDA in bf16, one grouped matmul per projection where this torch has one. On CPU in decode, the
-    grouped kernel of ``models.cpu_kernels`` when the weights are held in kernel layout (see ``kernel_layout``).
+    The weights are either in the checkpoint's orientation ([E, D, 2F] and [E, F, D]) or packed for the CPU
+    kernels by ``pack_experts`` (4-D). On CUDA in bf16, one grouped matmul per projection where this torch has one.
     """
+    if gate_up_EDF2.dim() == 4:  # packed: [E, 2F/16, D, 16] and [E, D/16, F, 16]
+        h_SF2 = cpu_kernels.grouped_packed_linear(x_SD, counts_E, gate_up_EDF2, 2 * down_EFD.shape[2])
+        gate_SF, up_SF = h_SF2.chunk(2, dim=-1)
+        return cpu_kernels.grouped_packed_linear(F.silu(gate_SF) * up_SF, counts_E, down_EFD, x_SD.shape[1])
     if _grouped_mm_ok(x_SD, gate_up_EDF2):
         return _grouped_swiglu_cuda(x_SD, counts_E, gate_up_EDF2, down_EFD)
-    if not x_SD.is_cuda and _transposed(gate_up_EDF2) and _transposed(down_EFD):
-        h_SF2 = cpu_kernels.grouped_linear(x_SD, counts_E, gate_up_EDF2.transpose(1, 2))
-        if h_SF2 is not None:
-            gate_SF, up_SF = h_SF2.chunk(2, dim=-1)
-            return cpu_kernels.grouped_linear(F.silu(gate_SF) * up_SF, counts_E, down_EFD.transpose(1, 2))
     out_SD = torch.empty_like(x_SD)
     start = 0
     for e, n in enumerate(counts_E):
@@ -41,16 +40,20 @@ def grouped_swiglu(x_SD: torch.Tensor, counts_E: Sequence[int], gate_up_EDF2: to
     return out_SD
 
 
-def kernel_layout(w_EKN: torch.Tensor) -> torch.Tensor:
-    """The same logical [E, K, N] tensor stored as [E, N, K]: each output's weights contiguous, as the CPU
-    decode kernel streams them. Only on CPU (CUDA's grouped matmul wants the checkpoint's orientation)."""
-    if w_EKN.is_cuda or _transposed(w_EKN):
-        return w_EKN
-    return w_EKN.transpose(1, 2).contiguous().transpose(1, 2)
+def pack_experts(gate_up_EDF2: torch.Tensor, down_EFD: torch.Tensor,
+                 activation_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's experts packed for the CPU kernels where they apply (``cpu_kernels.can_pack``), else as given."""
+    if activation_dtype is None or not cpu_kernels.can_pack(gate_up_EDF2, activation_dtype):
+        return gate_up_EDF2, down_EFD
+    return cpu_kernels.pack(gate_up_EDF2.transpose(1, 2)), cpu_kernels.pack(down_EFD.transpose(1, 2))
 
 
-def _transposed(w_EKN: torch.Tensor) -> bool:
-    return w_EKN.dim() == 3 and w_EKN.transpose(1, 2).is_contiguous()
+def unpack_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint orientation ([E, D, 2F], [E, F, D]) of weights as ``pack_experts`` left them."""
+    if gate_up.dim() == 3:
+        return gate_up, down
+    D, F_ = gate_up.shape[2], down.shape[2]
+    return (cpu_kernels.unpack(gate_up, 2 * F_).transpose(1, 2), cpu_kernels.unpack(down, D).transpose(1, 2))
 
 
 def _grouped_mm_ok(x_SD: torch.Tensor, w_EDF2: torch.Tensor) -> bool:

@@ -33,11 +33,23 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict names) whose few-row CPU products, the decode regime, go
-    through ``models.cpu_kernels``; everything else is ``F.linear``."""
+    """``nn.Linear`` (same parameters, same state-dict names) that can hand its weight to the CPU kernels: after
+    ``pack_for_cpu`` the weight is held only packed (``weight`` is None) and every product goes to the kernel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **factory):
+        super().__init__(in_features, out_features, bias, **factory)
+        self.register_buffer("packed", None, persistent=False)
+
+    def pack_for_cpu(self, activation_dtype: torch.dtype) -> None:
+        if self.weight is not None and cpu_kernels.can_pack(self.weight, activation_dtype):
+            self.packed = cpu_kernels.pack(self.weight.detach())
+            self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear(x, self.weight, self.bias)
+        if self.packed is not None:
+            return cpu_kernels.packed_linear(x, self.packed, self.out_features, self.bias)
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)  # weights may be narrower
+        return F.linear(x, w, self.bias)
 
 
 class SwiGLU(nn.Module):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from models.config import Llama4Config
-from models.expert_math import grouped_swiglu, kernel_layout
+from models.expert_math import grouped_swiglu, pack_experts, unpack_experts
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,17 @@ class LocalExperts(ExpertSeam, nn.Module):
         self.down_EFD = nn.ParameterDict(
             {str(i): nn.Parameter(torch.empty(E, F, D, **factory), requires_grad=False) for i in cfg.moe_layers})
 
-    def load_layer(self, layer_idx: int, gate_up_EDF2: torch.Tensor, down_EFD: torch.Tensor) -> None:
+    def load_layer(self, layer_idx: int, gate_up_EDF2: torch.Tensor, down_EFD: torch.Tensor,
+                   activation_dtype: torch.dtype | None = None) -> None:
+        """Given the activations' dtype, the weights are packed for the CPU kernels where those apply."""
         key = str(layer_idx)
-        self.gate_up_EDF2[key] = nn.Parameter(kernel_layout(gate_up_EDF2), requires_grad=False)
-        self.down_EFD[key] = nn.Parameter(kernel_layout(down_EFD), requires_grad=False)
+        gate_up, down = pack_experts(gate_up_EDF2, down_EFD, activation_dtype)
+        self.gate_up_EDF2[key] = nn.Parameter(gate_up, requires_grad=False)
+        self.down_EFD[key] = nn.Parameter(down, requires_grad=False)
+
+    def weights(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E, D, 2F], down [E, F, D]) of a layer in the checkpoint's orientation, packed or not."""
+        return unpack_experts(self.gate_up_EDF2[str(layer_idx)], self.down_EFD[str(layer_idx)])
 
     def dispatch(self, layer_idx: int, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                  scores_TK: torch.Tensor) -> DispatchHandle:
