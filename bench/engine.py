@@ -104,6 +104,31 @@ def run_ours(engine: Engine, prompts: torch.Tensor, N: int, tag: str) -> tuple[f
     return t_first - t0, t_end - t_first, [out[rid] for rid in ids]
 
 
+def random_prompts(cfg, tokenizer: Tokenizer, B: int, P: int, seed: int = 0) -> torch.Tensor:
+    """[B, P] seeded random token ids; the first rows do not depend on B (bench/llama_cpp.py uses the same)."""
+    gen = torch.Generator().manual_seed(seed)
+    lo = 3  # skip the lowest ids (specials in small vocabularies); stay below vocab
+    return torch.randint(lo, min(cfg.vocab_size, tokenizer.vocab_size), (B, P), generator=gen)
+
+
+def measure_ours(model, tokenizer: Tokenizer, prompts: torch.Tensor, N: int, repeats: int
+                 ) -> tuple[float, float, list[list[int]]]:
+    """(prefill tokens/s, decode tokens/s, greedy tokens per request) of one batch: a fresh engine, a warm-up,
+    best of ``repeats``. Prefill tokens = B*P, decode tokens = (N-1)*B."""
+    B, P = prompts.shape
+    engine = Engine(model, tokenizer, engine_config(B, P, N, model.cfg))
+    run_ours(engine, prompts[:, :min(P, 8)], 2, f"warm{B}")
+    pf, dc, tokens = float("inf"), float("inf"), None
+    for r in range(repeats):
+        t_p, t_d, toks = run_ours(engine, prompts, N, f"b{B}r{r}")
+        pf, dc = min(pf, t_p), min(dc, t_d)
+        if tokens is None:
+            tokens = toks
+        elif toks != tokens:
+            print(f"  note: B={B} engine repeat {r} gave different tokens than repeat 0")
+    return B * P / pf, (N - 1) * B / dc, tokens
+
+
 # ----------------------------------------------------------------------------- transformers
 
 
@@ -217,25 +242,13 @@ def main() -> None:
                                                 pad_token_id=cfg.pad_token_id, use_cache=True)
 
     # ---- 1. throughput per batch size
-    gen = torch.Generator().manual_seed(0)
-    lo = 3  # skip the lowest ids (specials in small vocabularies); stay below vocab
-    all_prompts = torch.randint(lo, min(cfg.vocab_size, tokenizer.vocab_size), (max(batches), P), generator=gen)
+    all_prompts = random_prompts(cfg, tokenizer, max(batches), P)
     rows = []
     all_identical = True
     for B in batches:
         prompts = all_prompts[:B].contiguous()
-        engine = Engine(model, tokenizer, engine_config(B, P, N, cfg))
-        run_ours(engine, prompts[:, :min(P, 8)], 2, f"warm{B}")
-        pf, dc, ours_tokens = float("inf"), float("inf"), None
-        for r in range(args.repeats):
-            t_p, t_d, toks = run_ours(engine, prompts, N, f"b{B}r{r}")
-            pf, dc = min(pf, t_p), min(dc, t_d)
-            if ours_tokens is None:
-                ours_tokens = toks
-            elif toks != ours_tokens:
-                print(f"  note: B={B} engine repeat {r} gave different tokens than repeat 0")
-        del engine
-        row = {"B": B, "ours_prefill": B * P / pf, "ours_decode": (N - 1) * B / dc}
+        ours_prefill, ours_decode, ours_tokens = measure_ours(model, tokenizer, prompts, N, args.repeats)
+        row = {"B": B, "ours_prefill": ours_prefill, "ours_decode": ours_decode}
         if hf is not None:
             hf_prefill(hf, prompts[:, :min(P, 8)])  # warm-up
             hp = min(hf_prefill(hf, prompts) for _ in range(args.repeats))
