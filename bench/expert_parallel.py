@@ -21,16 +21,23 @@ One run, four parts, same checkpoint, fp32, the same seeded random prompts on bo
    ``combine`` (= waiting for every shard: the remote expert compute plus the exchange, minus what overlaps
    the shared expert) during the timed decode steps; ms per MoE layer, vs the same for ``LocalExperts``
    (where ``dispatch`` runs the experts).
-3. Exchange bandwidth: a helper process (multiprocessing spawn) joins a ``cluster.comm`` gloo group as rank 1
-   and echoes (recv, then send back the same tensor); for each payload S (fp32) the round trip is timed
-   (best of ``--echo-repeats`` after warm-ups). Bandwidth = 2*S / rtt (the bytes carried, both legs in
-   series over one round trip). Memcpy: best of ``dst.copy_(src)`` of 256 MB fp32 with the default torch
-   threads, counted as bytes copied once / time (half the STREAM "copy" convention of read + write that
-   bench/engine.py uses). Exchange / memcpy in %.
+3. Exchange bandwidth, both payload paths: a helper process (multiprocessing spawn) joins a ``cluster.comm``
+   gloo group as rank 1 and echoes; for each payload S (fp32) the round trip is timed (best of
+   ``--echo-repeats`` after warm-ups). Group path (between hosts): send S, the echo receives it and sends it
+   back. Shm path (same host, ``cluster.shm``): the driver copies S into the pair's shared buffer and sends
+   the header, the echo sends the ack, answering with the rows in place (as the group echo sends back what it
+   received; a shard computes from views of the buffer), the driver copies S out: put S, get S back, as the
+   router's gather into and scatter out of the buffer do per layer. "shm+out": the echo first copies the rows
+   to the buffer's output region, as our shard copies its expert outputs there. Also: the shm handshake
+   alone (0 rows) and one plain copy of S into the buffer.
+   Bandwidth = 2*S / rtt (the bytes carried, both legs in series over one round trip). Memcpy: best of
+   ``dst.copy_(src)`` of 256 MB fp32 with the default torch threads, counted as bytes copied once / time
+   (half the STREAM "copy" convention of read + write that bench/engine.py uses). Exchange / memcpy in %.
 4. Ray calls on the hot path: ``ray.actor.ActorMethod._remote`` and ``RemoteFunction._remote`` are counted
    during every distributed run (prefill, warm-up and timed decode steps); must be 0.
 
     python bench/expert_parallel.py --checkpoint ~/.cache/moe-serve/small
+    python bench/expert_parallel.py --checkpoint ~/.cache/moe-serve/small --exchange-only   # part 3 only
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.comm import Rendezvous, join, new_rendezvous  # noqa: E402
+from cluster.shm import PayloadBuffer, buffer_path, capacity_for, new_prefix, unlink  # noqa: E402
+from expert_workers.wire import OP_EXPERTS_SHM, ack, empty_ack, empty_header, header  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.loading import load_model  # noqa: E402
 from models.seam import DispatchHandle, ExpertSeam  # noqa: E402
@@ -156,10 +165,26 @@ class Stats:
 # ----------------------------------------------------------------------------- exchange bandwidth
 
 
+ECHO_ROW = 256  # fp32 values per row of the shm echo (1 KB rows)
+
+
 def _echo(rdv: dict, sizes: list[int], rounds: int) -> None:
+    """Rank 1 of the exchange benchmark: echo each payload back over the group, or through the pair's buffer."""
     torch.set_num_threads(1)
     group = join(Rendezvous.from_dict(rdv), 1, LOOPBACK)
     try:
+        if group.shares_memory_with(0):
+            header_4, buffer = empty_header(), None
+            for _ in range(len(sizes) * rounds):
+                group.recv(header_4, 0).wait()
+                _, write_outputs, n, capacity = header_4.tolist()
+                if buffer is None:
+                    buffer = PayloadBuffer.open(buffer_path(rdv["shm_prefix"], 1, capacity), capacity, ECHO_ROW,
+                                                torch.float32)
+                if write_outputs:  # as our shard does: its expert kernel allocates, so it copies into the buffer
+                    buffer.out_CD[:n] = buffer.rows_CD[:n]
+                group.send(ack(n), 0).wait()
+            return
         for size in sizes:
             buf = torch.empty(size // 4, dtype=torch.float32)
             for _ in range(rounds):
@@ -169,31 +194,71 @@ def _echo(rdv: dict, sizes: list[int], rounds: int) -> None:
         group.close()
 
 
-def exchange_bandwidth(sizes: list[int], repeats: int, warmup: int = 3) -> dict[int, float]:
-    """Best round-trip seconds per payload size, driver (rank 0) <-> spawned echo process (rank 1)."""
-    rdv = new_rendezvous("bench-echo", 2, "gloo", 60.0, LOOPBACK)
+def exchange_bandwidth(sizes: list[int], repeats: int, path: str, warmup: int = 3) -> dict[int, float]:
+    """Best round-trip seconds per payload size, driver (rank 0) <-> spawned echo process (rank 1).
+
+    "group": send S bytes, receive them back. "shm": copy S bytes into the shared buffer, send the header, the
+    echo acks (its answer is the rows in place, as the group echo sends back what it received), copy S bytes
+    out. "shm+out": the same, but the echo first copies the rows to the buffer's output region.
+    """
+    shm, write_outputs = path != "group", path == "shm+out"
+    rdv = new_rendezvous("bench-echo", 2, "gloo", 60.0, LOOPBACK, shm_prefix=new_prefix() if shm else "")
     proc = mp.get_context("spawn").Process(target=_echo, args=(rdv.to_dict(), sizes, warmup + repeats), daemon=True)
     proc.start()
     group = join(rdv, 0, LOOPBACK)
+    assert group.shares_memory_with(1) == shm
     best = {}
     try:
+        capacity = capacity_for(max(sizes) // 4 // ECHO_ROW)
+        path = buffer_path(rdv.shm_prefix, 1, capacity)
+        buffer = PayloadBuffer.create(path, capacity, ECHO_ROW, torch.float32) if shm else None
+        ack_1 = empty_ack()
         for size in sizes:
-            out = torch.randn(size // 4)
+            out = torch.randn(size // 4 // ECHO_ROW, ECHO_ROW)
             back = torch.empty_like(out)
+            n = out.shape[0]
             times = []
             for i in range(warmup + repeats):
                 t0 = time.perf_counter()
-                group.send(out, 1).wait()
-                group.recv(back, 1).wait()
+                if shm:
+                    buffer.rows_CD[:n] = out
+                    group.send(header(OP_EXPERTS_SHM, write_outputs, n, capacity), 1).wait()
+                    group.recv(ack_1, 1).wait()
+                    back.copy_((buffer.out_CD if write_outputs else buffer.rows_CD)[:n])
+                else:
+                    group.send(out, 1).wait()
+                    group.recv(back, 1).wait()
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
             assert torch.equal(out, back)
             best[size] = min(times)
     finally:
+        if shm:
+            unlink(path)
         group.close()
         proc.join(timeout=30)
         if proc.is_alive():
             proc.terminate()
+    return best
+
+
+def copy_into_buffer(sizes: list[int], repeats: int) -> dict[int, float]:
+    """Best seconds of one plain copy of S bytes into a mapped /dev/shm buffer (the router's write-in)."""
+    capacity = capacity_for(max(sizes) // 4 // ECHO_ROW)
+    path = buffer_path(new_prefix(), 1, capacity)
+    buffer = PayloadBuffer.create(path, capacity, ECHO_ROW, torch.float32)
+    unlink(path)
+    best = {}
+    for size in sizes:
+        src = torch.randn(size // 4 // ECHO_ROW, ECHO_ROW)
+        dst = buffer.rows_CD[:src.shape[0]]
+        dst.copy_(src)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+        best[size] = min(times)
     return best
 
 
@@ -245,6 +310,36 @@ def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
+# ----------------------------------------------------------------------------- exchange report
+
+
+def report_exchange(sizes: list[int], repeats: int) -> None:
+    print(f"\n[3] exchange driver <-> spawned echo process over {LOOPBACK} (fp32 payload, best of "
+          f"{repeats}); bandwidth = 2*S/rtt; memcpy = bytes copied once / time, 256 MB, best of 5")
+    print("group: gloo send S, receive S back (TCP: user -> kernel -> user per leg). shm: copy S into the shared "
+          "buffer + header, echo acks (rows answered in place), copy S out: 2 copies of S + 2 small gloo "
+          "messages. shm+out: the echo also copies S to the output region first (3 copies). 0 B: the header + "
+          "ack handshake alone. copy-in: one plain copy of S into the buffer")
+    rtts = {}
+    for path in ("group", "shm", "shm+out"):
+        print(f"background CPU busy before {path}: {100 * settle():.0f}%")
+        rtts[path] = exchange_bandwidth(([0] if path == "shm" else []) + sizes, repeats, path)
+    copy_in = copy_into_buffer(sizes, repeats)
+    memcpy = memcpy_bandwidth()
+    print(f"memcpy: {memcpy / 1e9:.2f} GB/s (x2 = {2 * memcpy / 1e9:.2f} GB/s in the read+write convention)")
+    print(f"shm handshake alone (0 B): rtt {1e3 * rtts['shm'][0]:.3f} ms")
+    print(f"{'payload':>8} | " + " | ".join(f"{p + ' rtt ms':>14} | {'GB/s':>5} | {'%':>4}" for p in rtts)
+          + f" | {'copy-in GB/s':>12} | {'%':>4}")
+    for size in sizes:
+        cells = []
+        for r in rtts.values():
+            bw = 2 * size / r[size]
+            cells.append(f"{1e3 * r[size]:>14.3f} | {bw / 1e9:>5.2f} | {100 * bw / memcpy:>3.0f}%")
+        cin = size / copy_in[size]
+        print(f"{fmt_size(size):>8} | " + " | ".join(cells) + f" | {cin / 1e9:>12.2f} | {100 * cin / memcpy:>3.0f}%",
+              flush=True)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -264,6 +359,7 @@ def main() -> None:
                         "core (0: off; default: %(default)s)")
     p.add_argument("--payload-sizes", default="64K,256K,1M,4M,16M", help="echo payloads (default: %(default)s)")
     p.add_argument("--echo-repeats", type=int, default=20)
+    p.add_argument("--exchange-only", action="store_true", help="stop after part 3 (no Ray cluster)")
     args = p.parse_args()
     shard_counts, batches = ints(args.shards), ints(args.batches)
     sizes = [parse_size(s) for s in args.payload_sizes.split(",") if s]
@@ -280,6 +376,9 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, "
           f"torch {torch.__version__}, ray {ray.__version__}, router threads {args.threads}, "
           f"load avg at start {os.getloadavg()[0]:.2f}")
+    if args.exchange_only:
+        report_exchange(sizes, args.echo_repeats)
+        return
     local = load_model(ckpt)
     local_seam = wrap_local_seam(local)
     params = sum(p.numel() for p in local.parameters())
@@ -308,17 +407,7 @@ def main() -> None:
               f"{a.ms(a.layer, 'best'):>17.3f} | {b.ms(b.layer, 'best'):>16.3f} | {100 * busy:>6.0f}%", flush=True)
 
     # ---- 3. exchange bandwidth (before Ray: only the two processes of the exchange are ours)
-    print(f"\n[3] gloo exchange driver <-> spawned echo process over {LOOPBACK} (fp32 payload, best of "
-          f"{args.echo_repeats}); bandwidth = 2*S/rtt; memcpy = bytes copied once / time, 256 MB, best of 5")
-    print(f"background CPU busy before: {100 * settle():.0f}%")
-    rtts = exchange_bandwidth(sizes, args.echo_repeats)
-    memcpy = memcpy_bandwidth()
-    print(f"memcpy: {memcpy / 1e9:.2f} GB/s (x2 = {2 * memcpy / 1e9:.2f} GB/s in the read+write convention)")
-    print(f"{'payload':>8} | {'rtt ms':>8} | {'GB/s':>6} | {'% of memcpy':>11}")
-    for size in sizes:
-        bw = 2 * size / rtts[size]
-        print(f"{fmt_size(size):>8} | {1e3 * rtts[size]:>8.3f} | {bw / 1e9:>6.2f} | {100 * bw / memcpy:>10.0f}%",
-              flush=True)
+    report_exchange(sizes, args.echo_repeats)
 
     # ---- 1, 2, 4: the cluster
     from cluster.fleet import FleetSpec, start_fleet, stop_fleet
