@@ -2,7 +2,8 @@
 # Optional benchmark dependency, not part of CI (.ci/run and scripts/test never call this):
 # llama.cpp through llama-cpp-python, built from source for this CPU, in its own venv `.venv-llamacpp`,
 # plus the Hugging Face -> GGUF converter of the same llama.cpp tree and what it imports.
-# Used by bench/llama_cpp.py. The build takes 3-10 minutes on 2 cores; a second run does nothing.
+# Used by bench/llama_cpp.py. The build takes 3-10 minutes on 2 quiet cores (33 on a shared machine); a second
+# run does nothing.
 #
 #   scripts/setup-llama-cpp.sh                                 # LLAMA_CPP_PYTHON_VERSION=... to change the version
 set -euo pipefail
