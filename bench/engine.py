@@ -1,6 +1,9 @@
 """Engine throughput (continuous batching, paged KV) vs transformers' Llama 4, same checkpoint, same prompts.
 
-One run, four parts, all on the same checkpoint in fp32 and the same seeded random prompts:
+One run, four parts, all on the same checkpoint and the same seeded random prompts, arithmetic in fp32 on both
+sides. transformers holds the weights in fp32; ours are held as the server holds them (``--weights auto``: a bf16
+checkpoint keeps bf16 matrices, widened exactly in the CPU kernels, so the results equal fp32-held weights;
+``--weights float32`` holds them in fp32 like transformers):
 
 1. For each batch size B: prefill and decode tokens/s of ``router.engine.Engine`` (B greedy requests of
    ``--prompt-tokens`` P tokens and ``--new-tokens`` N new tokens, ignore_eos, stepped until done) and of
@@ -16,7 +19,7 @@ One run, four parts, all on the same checkpoint in fp32 and the same seeded rand
    of one MoE layer of the loaded model, ``grouped_swiglu`` timed (``route_layout``/``gather_scaled_rows``
    outside the timing); the last-level cache is flushed before every timed call, as in real decode where the
    other layers' weights pass through the cache between two visits of a layer. Bytes = distinct experts
-   touched x 3*D*F*4; compared with this machine's memcpy bandwidth (``dst.copy_(src)`` of 256 MB fp32,
+   touched x 3*D*F x bytes per weight as held; compared with this machine's memcpy bandwidth (``dst.copy_(src)`` of 256 MB fp32,
    counted as bytes read + bytes written, the STREAM "copy" convention).
 4. KV memory of one 32k-token sequence with a 1k attention chunk (block size 16) with the chunk bound vs a
    full cache, from ``router.kv_blocks.cache_bytes``.
@@ -40,7 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.expert_math import grouped_swiglu  # noqa: E402
-from models.loading import load_model  # noqa: E402
+from models import cpu_kernels  # noqa: E402
+from models.loading import load_model, resident_weight_dtype  # noqa: E402
+from models.param_count import text_param_counts  # noqa: E402
 from models.seam import gather_scaled_rows, route_layout  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
 from router.engine import Engine, EngineConfig  # noqa: E402
@@ -204,6 +209,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the best is kept")
     p.add_argument("--skip-transformers", action="store_true", help="only our engine (no ratios, no check)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--weights", choices=("auto", "float32"), default="auto",
+                   help="how our side holds the matrices: as the server does (auto) or inflated to fp32")
     p.add_argument("--expert-iters", type=int, default=10, help="timed calls per batch in the expert FFN part")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -215,7 +222,9 @@ def main() -> None:
     t_start = time.perf_counter()
 
     print("command:", shlex.join([sys.executable, *sys.argv]))
-    model = load_model(args.checkpoint)  # fp32
+    weight_dtype = (resident_weight_dtype(args.checkpoint, torch.float32) if args.weights == "auto"
+                    else torch.float32)
+    model = load_model(args.checkpoint, weight_dtype=weight_dtype)  # fp32 arithmetic
     tokenizer = Tokenizer.from_dir(args.checkpoint)
     cfg = model.cfg
     tf_version = "not loaded"
@@ -223,12 +232,14 @@ def main() -> None:
         import transformers
 
         tf_version = transformers.__version__
-    n_params = sum(t.numel() for t in model.parameters())
+    n_params = text_param_counts(model.cfg)[0]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, transformers {tf_version}")
     print(f"checkpoint: {args.checkpoint} ({n_params / 1e6:.0f}M params, {cfg.num_local_experts} experts "
           f"top-{cfg.num_experts_per_tok}, MoE layers {list(cfg.moe_layers)}, hidden {cfg.hidden_size}, "
-          f"expert ffn {cfg.intermediate_size}), fp32")
+          f"expert ffn {cfg.intermediate_size}); fp32 arithmetic, our matrices held in "
+          f"{str(weight_dtype).removeprefix('torch.')}, transformers' in fp32; CPU kernels "
+          f"{'on' if cpu_kernels.library() else 'off'}")
     print(f"workload: batches {batches}, prompt {P} random tokens (seeded), {N} greedy new tokens, ignore_eos; "
           f"best of {args.repeats} after a warm-up (other processes may share the machine; 1-min load average "
           f"at start {os.getloadavg()[0]:.2f})")

@@ -46,7 +46,7 @@ def serve_group(shard: ExpertShard, group: Group, hidden: int, dtype: torch.dtyp
                 if buffer is None or buffer.capacity != capacity:  # the router made a bigger one
                     buffer = PayloadBuffer.open(buffer_path(group.rendezvous.shm_prefix, group.rank, capacity),
                                                 capacity, hidden, dtype)
-                buffer.out_CD[:n] = shard.forward(layer, buffer.rows_CD[:n], buffer.ids_C[:n])
+                shard.forward(layer, buffer.rows_CD[:n], buffer.ids_C[:n], out_nD=buffer.out_CD[:n])
                 rows_served[layer] += n  # before the answer, so a router that has it also sees the count
                 group.send(ack(n), ROUTER_RANK).wait()
             else:

@@ -57,7 +57,9 @@ class ExpertShard:
         report = LoadReport(bytes_read, time.perf_counter() - t0, sum(len(v) for v in experts.values()))
         return cls(experts, gate_up, down, activation_dtype=dtype), report
 
-    def forward(self, layer: int, rows_nD: torch.Tensor, local_ids_n: torch.Tensor) -> torch.Tensor:
-        """Expert outputs [n, D] for rows grouped by local expert (``local_ids_n`` non-decreasing)."""
+    def forward(self, layer: int, rows_nD: torch.Tensor, local_ids_n: torch.Tensor,
+                out_nD: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert outputs [n, D] for rows grouped by local expert (``local_ids_n`` non-decreasing), written into
+        ``out_nD`` when given (the shared-memory buffer: the CPU kernels write there, no copy afterwards)."""
         counts_El = torch.bincount(local_ids_n, minlength=len(self.experts[layer])).tolist()  # device-to-host sync
-        return grouped_swiglu(rows_nD, counts_El, self.gate_up_EDF2[layer], self.down_EFD[layer])
+        return grouped_swiglu(rows_nD, counts_El, self.gate_up_EDF2[layer], self.down_EFD[layer], out_nD)

@@ -114,9 +114,11 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, N: int, bias_N: torch.T
     return y_MN.view(*x.shape[:-1], N)
 
 
-def grouped_packed_linear(x_SK: torch.Tensor, counts_E: Sequence[int], packed_E: torch.Tensor,
-                          N: int) -> torch.Tensor:
-    """Expert e's rows (``counts_E[e]`` of them, expert-major) times its packed weights [E, N/16, K, 16]."""
+def grouped_packed_linear(x_SK: torch.Tensor, counts_E: Sequence[int], packed_E: torch.Tensor, N: int,
+                          out_SN: torch.Tensor | None = None) -> torch.Tensor:
+    """Expert e's rows (``counts_E[e]`` of them, expert-major) times its packed weights [E, N/16, K, 16].
+
+    ``out_SN`` (contiguous fp32 [S, N]), when given, receives the result (e.g. a shared-memory buffer)."""
     S, K = x_SK.shape
     E = packed_E.shape[0]
     if len(counts_E) != E:
@@ -125,7 +127,9 @@ def grouped_packed_linear(x_SK: torch.Tensor, counts_E: Sequence[int], packed_E:
     for e, n in enumerate(counts_E):
         offs[e + 1] = offs[e] + n
     x_SK = x_SK.contiguous()
-    y_SN = torch.empty(S, N, dtype=torch.float32)
+    y_SN = torch.empty(S, N, dtype=torch.float32) if out_SN is None else out_SN
+    if y_SN.shape != (S, N) or y_SN.dtype != torch.float32 or not y_SN.is_contiguous():
+        raise ValueError(f"out must be contiguous fp32 [{S}, {N}], got {y_SN.dtype} {tuple(y_SN.shape)}")
     _lib.grouped_packed_linear(x_SK.data_ptr(), K, offs, E, packed_E.data_ptr(), packed_E.dtype == torch.bfloat16,
                                N, y_SN.data_ptr(), torch.get_num_threads())
     return y_SN

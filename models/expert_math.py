@@ -15,20 +15,22 @@ from models import cpu_kernels
 
 
 def grouped_swiglu(x_SD: torch.Tensor, counts_E: Sequence[int], gate_up_EDF2: torch.Tensor,
-                   down_EFD: torch.Tensor) -> torch.Tensor:
+                   down_EFD: torch.Tensor, out_SD: torch.Tensor | None = None) -> torch.Tensor:
     """Expert e's rows are ``x_SD[sum(counts_E[:e]) : sum(counts_E[:e+1])]``; returns [S, D] in the same order.
 
     ``counts_E`` are host ints (the caller owns the device-to-host sync). Experts with no rows cost nothing.
     The weights are either in the checkpoint's orientation ([E, D, 2F] and [E, F, D]) or packed for the CPU
     kernels by ``pack_experts`` (4-D). On CUDA in bf16, one grouped matmul per projection where this torch has one.
+    ``out_SD`` (contiguous [S, D]), when given, receives the result: the packed path writes it there directly.
     """
     if gate_up_EDF2.dim() == 4:  # packed: [E, 2F/16, D, 16] and [E, D/16, F, 16]
         h_SF2 = cpu_kernels.grouped_packed_linear(x_SD, counts_E, gate_up_EDF2, 2 * down_EFD.shape[2])
         gate_SF, up_SF = h_SF2.chunk(2, dim=-1)
-        return cpu_kernels.grouped_packed_linear(F.silu(gate_SF) * up_SF, counts_E, down_EFD, x_SD.shape[1])
+        return cpu_kernels.grouped_packed_linear(F.silu(gate_SF) * up_SF, counts_E, down_EFD, x_SD.shape[1], out_SD)
     if _grouped_mm_ok(x_SD, gate_up_EDF2):
-        return _grouped_swiglu_cuda(x_SD, counts_E, gate_up_EDF2, down_EFD)
-    out_SD = torch.empty_like(x_SD)
+        y_SD = _grouped_swiglu_cuda(x_SD, counts_E, gate_up_EDF2, down_EFD)
+        return y_SD if out_SD is None else out_SD.copy_(y_SD)
+    out_SD = torch.empty_like(x_SD) if out_SD is None else out_SD
     start = 0
     for e, n in enumerate(counts_E):
         if n == 0:

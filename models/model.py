@@ -52,6 +52,11 @@ class Llama4TextModel(nn.Module):
         # Not a buffer: it is derived from the config, never loaded, and stays fp32 whatever the weights are.
         self.inv_freq = rope_inv_freq(cfg)
 
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """What hidden states, the KV cache and the arithmetic use (matrices may be held narrower)."""
+        return self.norm.weight.dtype
+
     def new_cache(self, batch: int = 1) -> SimpleKVCache:
         return SimpleKVCache(self.cfg.num_hidden_layers, batch)
 
@@ -69,7 +74,7 @@ class Llama4TextModel(nn.Module):
         ``pos_T`` are absolute positions; ``backend`` knows which sequence each token belongs to.
         """
         rope_TF = rope_cos_sin(self.inv_freq.to(token_ids_T.device), pos_T)
-        h_TD = self.embed_tokens(token_ids_T).to(self.norm.weight.dtype)  # embeddings may be held narrower
+        h_TD = self.embed_tokens(token_ids_T).to(self.activation_dtype)  # embeddings may be held narrower
         for layer in self.layers:
             h_TD = layer(h_TD, pos_T, rope_TF, backend)
         return h_TD

@@ -63,7 +63,7 @@ class Engine:
     def __init__(self, model: Llama4TextModel, tokenizer, config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         cfg = model.cfg
-        dtype, device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+        dtype, device = model.activation_dtype, model.embed_tokens.weight.device
         self.max_model_len = max_sequence_len(cfg, config, dtype)
         self.cache = PagedKVCache(cfg, num_kv_blocks(cfg, config, dtype), config.block_size, dtype, device)
         self.blocks = self.cache.new_block_manager()

@@ -80,6 +80,12 @@ def test_grouped_swiglu_packed_matches_checkpoint_orientation():
     packed = pack_experts(gate_up, down, torch.float32)
     assert packed[0].dim() == 4 and all(torch.equal(a, b) for a, b in zip(unpack_experts(*packed), (gate_up, down)))
     torch.testing.assert_close(grouped_swiglu(x_SD, counts, *packed), expected, rtol=1e-5, atol=1e-5)
+    buffer = torch.full((len(x_SD) + 3, D), float("nan"))  # e.g. a shared-memory buffer bigger than needed
+    returned = grouped_swiglu(x_SD, counts, *packed, out_SD=buffer[:len(x_SD)])
+    assert returned.data_ptr() == buffer.data_ptr() and torch.equal(buffer[:len(x_SD)], returned)
+    torch.testing.assert_close(returned, expected, rtol=1e-5, atol=1e-5)
+    assert buffer[len(x_SD):].isnan().all()
+    torch.testing.assert_close(grouped_swiglu(x_SD, counts, gate_up, down, out_SD=torch.empty_like(x_SD)), expected)
     packed16 = pack_experts(gate_up.bfloat16(), down.bfloat16(), torch.float32)
     torch.testing.assert_close(grouped_swiglu(x_SD, counts, *packed16),
                                grouped_swiglu(x_SD, counts, gate_up.bfloat16().float(), down.bfloat16().float()),

@@ -58,6 +58,20 @@ def test_mixed_batch_with_late_joins_and_preemption_matches_running_alone(model,
     assert engine.blocks.num_free == engine.blocks.num_blocks  # every block came back
 
 
+def test_bf16_held_weights_serve_the_same_tokens(ckpt, model, tokenizer):
+    """What the server does with a bf16 checkpoint on CPU (weight_dtype auto): fp32 KV cache and arithmetic."""
+    from models.loading import load_model
+
+    narrow = load_model(ckpt, weight_dtype=torch.bfloat16)
+    prompts = _prompts(4, [7, 30, 12, 50], seed=3)
+    reqs = [GenerationRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
+    engine = _engine(narrow, tokenizer)
+    assert engine.cache.k_NHDh.dtype == torch.float32
+    out = _run(engine, reqs)
+    for r in reqs:
+        assert out[r.request_id] == _alone(model, list(r.prompt_ids), GREEDY.max_tokens), r.request_id
+
+
 def test_seeded_sampling_same_in_any_batch_and_after_replay(model, tokenizer):
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=20, ignore_eos=True,
                             repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.2)
