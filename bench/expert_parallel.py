@@ -28,7 +28,8 @@ One run, four parts, same checkpoint, fp32, the same seeded random prompts on bo
    the header, the echo sends the ack, answering with the rows in place (as the group echo sends back what it
    received; a shard computes from views of the buffer), the driver copies S out: put S, get S back, as the
    router's gather into and scatter out of the buffer do per layer. "shm+out": the echo first copies the rows
-   to the buffer's output region, as our shard copies its expert outputs there. Also: the shm handshake
+   to the buffer's output region (an extra copy; our shard does not make it: its expert kernel writes the
+   outputs into the buffer directly, ``grouped_swiglu(out_SD=...)``). Also: the shm handshake
    alone (0 rows) and one plain copy of S into the buffer.
    Bandwidth = 2*S / rtt (the bytes carried, both legs in series over one round trip). Memcpy: best of
    ``dst.copy_(src)`` of 256 MB fp32 with the default torch threads, counted as bytes copied once / time
@@ -61,7 +62,8 @@ from cluster.comm import Rendezvous, join, new_rendezvous  # noqa: E402
 from cluster.shm import PayloadBuffer, buffer_path, capacity_for, new_prefix, unlink  # noqa: E402
 from expert_workers.wire import OP_EXPERTS_SHM, ack, empty_ack, empty_header, header  # noqa: E402
 from models.config import load_config  # noqa: E402
-from models.loading import load_model  # noqa: E402
+from models.loading import load_model, resident_weight_dtype  # noqa: E402
+from models.param_count import text_param_counts  # noqa: E402
 from models.seam import DispatchHandle, ExpertSeam  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
@@ -181,7 +183,7 @@ def _echo(rdv: dict, sizes: list[int], rounds: int) -> None:
                 if buffer is None:
                     buffer = PayloadBuffer.open(buffer_path(rdv["shm_prefix"], 1, capacity), capacity, ECHO_ROW,
                                                 torch.float32)
-                if write_outputs:  # as our shard does: its expert kernel allocates, so it copies into the buffer
+                if write_outputs:  # an extra copy our shard does not make (its kernel writes into the buffer)
                     buffer.out_CD[:n] = buffer.rows_CD[:n]
                 group.send(ack(n), 0).wait()
             return
@@ -318,7 +320,8 @@ def report_exchange(sizes: list[int], repeats: int) -> None:
           f"{repeats}); bandwidth = 2*S/rtt; memcpy = bytes copied once / time, 256 MB, best of 5")
     print("group: gloo send S, receive S back (TCP: user -> kernel -> user per leg). shm: copy S into the shared "
           "buffer + header, echo acks (rows answered in place), copy S out: 2 copies of S + 2 small gloo "
-          "messages. shm+out: the echo also copies S to the output region first (3 copies). 0 B: the header + "
+          "messages (what a shard does: its kernel writes outputs into the buffer). shm+out: the echo also copies S "
+          "to the output region first (3 copies, for comparison). 0 B: the header + "
           "ack handshake alone. copy-in: one plain copy of S into the buffer")
     rtts = {}
     for path in ("group", "shm", "shm+out"):
@@ -379,11 +382,14 @@ def main() -> None:
     if args.exchange_only:
         report_exchange(sizes, args.echo_repeats)
         return
-    local = load_model(ckpt)
+    # Matrices held as the server holds them (a bf16 checkpoint stays bf16 on CPU), as the shards do.
+    weight_dtype = resident_weight_dtype(ckpt, torch.float32)
+    local = load_model(ckpt, weight_dtype=weight_dtype)
     local_seam = wrap_local_seam(local)
-    params = sum(p.numel() for p in local.parameters())
+    params = text_param_counts(cfg)[0]
     print(f"checkpoint: {ckpt} ({params / 1e6:.0f}M params, hidden {cfg.hidden_size}, {cfg.num_local_experts} experts "
-          f"top-{cfg.num_experts_per_tok}, MoE layers {list(cfg.moe_layers)}), fp32; prompt {args.prompt_tokens} "
+          f"top-{cfg.num_experts_per_tok}, MoE layers {list(cfg.moe_layers)}), fp32 arithmetic, matrices held in "
+          f"{str(weight_dtype).removeprefix('torch.')} (router and shards); prompt {args.prompt_tokens} "
           f"tokens; {args.steps} timed decode steps x {args.rounds} rounds per (N, B), best / median")
     prompt_of = {B: prompts(cfg, B, args.prompt_tokens, seed=B) for B in batches}
 
@@ -423,7 +429,7 @@ def main() -> None:
     lc = start_local_cluster(args.nodes)
     try:
         dist_seam = TimedSeam()
-        dist_model = load_model(ckpt, experts=dist_seam)
+        dist_model = load_model(ckpt, experts=dist_seam, weight_dtype=weight_dtype)
         for N in shard_counts:
             t0 = time.perf_counter()
             fleet = start_fleet(FleetSpec(ckpt, N, node_ids=tuple(lc.node_ids), shard_cpus=0.05),
