@@ -26,7 +26,8 @@ class FleetSpec:
     strategy: str = "contiguous"  # or "round_robin"
     replicas: tuple[tuple[int, int, int], ...] = ()  # (layer, expert, total copies) for hot experts
     node_ids: tuple[str, ...] = ()  # spread shards over these nodes (round robin); empty: anywhere
-    dtype: str = "float32"
+    dtype: str = "float32"  # the rows' (the arithmetic's)
+    weight_dtype: str = "auto"  # the experts as held (models.loading.resident_weight_dtype)
     device: str = "cpu"  # "cuda": one GPU per shard
     shard_cpus: float = 0.1
     # Custom resources each shard asks for, e.g. {"moe_expert": 1}: keeps GPU shards on the expert nodes.
@@ -55,7 +56,8 @@ class ExpertFleet:
         if spec.shard_resources:
             options["resources"] = dict(spec.shard_resources)
         experts = {layer: list(ids) for layer, ids in self.placement.experts_of(shard_id).items()}
-        return actor_cls.options(**options).remote(shard_id, spec.checkpoint, experts, spec.dtype, spec.device)
+        return actor_cls.options(**options).remote(shard_id, spec.checkpoint, experts, spec.dtype, spec.device,
+                                                  spec.weight_dtype)
 
     def router_view(self) -> tuple[dict, list]:
         """(placement of the current epoch, shard handles in shard-id order) for a router to connect."""

@@ -20,13 +20,14 @@ SHARD_IDLE_TIMEOUT_S = 24 * 3600.0
 
 class ExpertShardActor:
     def __init__(self, shard_id: int, checkpoint: str, experts: dict[int, list[int]], dtype: str = "float32",
-                 device: str = "cpu"):
+                 device: str = "cpu", weight_dtype: str = "auto"):
         self.shard_id, self.dtype = shard_id, getattr(torch, dtype)
         self.device = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
-        # Rows arrive in ``dtype``; the weights stay as the checkpoint holds them where the CPU kernels allow.
+        # Rows arrive in ``dtype``; the weights are held as ``weight_dtype`` says ("auto": as the checkpoint
+        # holds them, where the CPU kernels allow).
         self.shard, self.report = ExpertShard.load(
             checkpoint, {int(k): v for k, v in experts.items()}, self.dtype, self.device,
-            weight_dtype=resident_weight_dtype(checkpoint, self.dtype, self.device))
+            weight_dtype=resident_weight_dtype(checkpoint, self.dtype, self.device, weight_dtype))
         self.hidden = self.shard.hidden
         self.rows_served: Counter = Counter()
         self._groups: dict[str, tuple[threading.Thread, threading.Event]] = {}

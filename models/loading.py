@@ -52,9 +52,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     return model.eval()
 
 
-def resident_weight_dtype(path: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
-    """The ``weight_dtype`` to serve with when not told: a bf16 checkpoint computed in fp32 on a CPU keeps its
-    matrices bf16 where the CPU kernels can widen them (same results, half the bytes); otherwise ``dtype``."""
+def resident_weight_dtype(path: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
+                          requested: str = "auto") -> torch.dtype:
+    """The ``weight_dtype`` to serve with. ``requested`` names a torch dtype, or "auto": a bf16 checkpoint computed
+    in fp32 on a CPU keeps its matrices bf16 where the CPU kernels can widen them (same results, half the
+    bytes); otherwise ``dtype``."""
+    if requested != "auto":
+        return getattr(torch, requested)
     if torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_kernels.library() is not None:
         with CheckpointReader(path) as reader:
             if reader.dtype("embed_tokens.weight") == torch.bfloat16:

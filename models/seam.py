@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from models.config import Llama4Config
-from models.expert_math import grouped_swiglu, pack_experts, unpack_experts
+from models.expert_math import grouped_swiglu, pack_experts
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,6 @@ class LocalExperts(ExpertSeam, nn.Module):
         gate_up, down = pack_experts(gate_up_EDF2, down_EFD, activation_dtype)
         self.gate_up_EDF2[key] = nn.Parameter(gate_up, requires_grad=False)
         self.down_EFD[key] = nn.Parameter(down, requires_grad=False)
-
-    def weights(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [E, D, 2F], down [E, F, D]) of a layer in the checkpoint's orientation, packed or not."""
-        return unpack_experts(self.gate_up_EDF2[str(layer_idx)], self.down_EFD[str(layer_idx)])
 
     def dispatch(self, layer_idx: int, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                  scores_TK: torch.Tensor) -> DispatchHandle:

@@ -93,7 +93,7 @@ def _fleet(s: ServeSettings):
         from cluster.fleet import FleetSpec, start_fleet
 
         spec = FleetSpec(checkpoint=s.checkpoint, num_shards=s.shards, strategy=s.shard_strategy,
-                         dtype=s.dtype, device=s.shard_device, shard_cpus=s.shard_cpus,
+                         dtype=s.dtype, weight_dtype=s.weight_dtype, device=s.shard_device, shard_cpus=s.shard_cpus,
                          shard_resources=tuple(sorted((s.shard_resources or {}).items())))
         return start_fleet(spec, name=s.fleet_name, namespace=s.fleet_namespace)
 

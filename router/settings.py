@@ -54,9 +54,7 @@ class ServeSettings:
 
         from models.loading import resident_weight_dtype
 
-        if self.weight_dtype != "auto":
-            return getattr(torch, self.weight_dtype)
-        return resident_weight_dtype(self.checkpoint, getattr(torch, self.dtype), self.device)
+        return resident_weight_dtype(self.checkpoint, getattr(torch, self.dtype), self.device, self.weight_dtype)
 
     def engine_config(self):
         from router.engine import EngineConfig

@@ -124,6 +124,7 @@ def test_model_with_bf16_weights_equals_fp32_weights(ckpt):
 
     assert resident_weight_dtype(ckpt, torch.float32) == torch.bfloat16  # the tiny checkpoint is stored bf16
     assert resident_weight_dtype(ckpt, torch.bfloat16) == torch.bfloat16
+    assert resident_weight_dtype(ckpt, torch.float32, requested="float32") == torch.float32  # told: as told
     m32, m16 = load_model(ckpt), load_model(ckpt, weight_dtype=torch.bfloat16)
     q_proj = m16.layers[0].self_attn.q_proj
     assert q_proj.weight is None and q_proj.packed.dtype == torch.bfloat16 and m16.norm.weight.dtype == torch.float32
