@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from models.config import Llama4Config
-from models.layers import Linear, apply_rope, l2_norm
+from models import cpu_kernels
+from models.layers import Linear, apply_rope, l2_norm, pack_fused
 
 
 class AttentionBackend(Protocol):
@@ -46,9 +47,17 @@ class Attention(nn.Module):
         self.k_proj = Linear(D, Hkv * Dh, bias=cfg.attention_bias)
         self.v_proj = Linear(D, Hkv * Dh, bias=cfg.attention_bias)
         self.o_proj = Linear(H * Dh, D, bias=cfg.attention_bias)
+        self.register_buffer("qkv_packed", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def pack_for_cpu(self, activation_dtype: torch.dtype) -> None:
+        """q, k and v packed as one weight: one pass over x, then RoPE / q/k norm in place on its output."""
+        self.qkv_packed, self.qkv_bias = pack_fused(activation_dtype, self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x_TD: torch.Tensor, pos_T: torch.Tensor, rope_TF: tuple[torch.Tensor, torch.Tensor],
                 backend: AttentionBackend) -> torch.Tensor:
+        if self.qkv_packed is not None:
+            return self._forward_fused(x_TD, pos_T, rope_TF, backend)
         Dh = self.cfg.head_dim
         q_THDh = self.q_proj(x_TD).unflatten(-1, (-1, Dh))
         k_THDh = self.k_proj(x_TD).unflatten(-1, (-1, Dh))
@@ -60,5 +69,19 @@ class Attention(nn.Module):
         if self.temperature_tuning:
             scale_T = temperature_scale(pos_T, self.cfg.floor_scale, self.cfg.attn_scale)
             q_THDh = (q_THDh * scale_T[:, None, None]).to(q_THDh.dtype)
+        out_THDh = backend.attend(self.layer_idx, self.chunk, pos_T, q_THDh, k_THDh, v_THDh)
+        return self.o_proj(out_THDh.flatten(1))
+
+    def _forward_fused(self, x_TD, pos_T, rope_TF, backend: AttentionBackend) -> torch.Tensor:
+        """The same steps on CPU kernels: one q|k|v product, RoPE + q/k norm + temperature in one in-place pass."""
+        cfg = self.cfg
+        H, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_TN = cpu_kernels.packed_linear(x_TD, self.qkv_packed, (H + 2 * Hkv) * Dh, self.qkv_bias)
+        scale_T = temperature_scale(pos_T, cfg.floor_scale, cfg.attn_scale) if self.temperature_tuning else None
+        cpu_kernels.rope_qk(qkv_TN, H, Hkv, Dh, rope_TF if self.use_rope else None, self.use_qk_norm,
+                            cfg.rms_norm_eps, scale_T)
+        q_THDh = qkv_TN[:, :H * Dh].unflatten(-1, (H, Dh))
+        k_THDh = qkv_TN[:, H * Dh:(H + Hkv) * Dh].unflatten(-1, (Hkv, Dh))
+        v_THDh = qkv_TN[:, (H + Hkv) * Dh:].unflatten(-1, (Hkv, Dh))
         out_THDh = backend.attend(self.layer_idx, self.chunk, pos_T, q_THDh, k_THDh, v_THDh)
         return self.o_proj(out_THDh.flatten(1))

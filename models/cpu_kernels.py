@@ -1,4 +1,6 @@
-"""Matrix products on CPU over packed weights: ``models/csrc/packed_matmul.c``, compiled on first use.
+"""CPU kernels, compiled on first use: matrix products over packed weights (``models/csrc/packed_matmul.c``) and
+the small fused operations of a forward step (``models/csrc/decode_ops.c``: RMS norm with the residual add, RoPE
+with the q/k norm, SwiGLU's activation, decode attention over the paged KV cache).
 
 A decode step multiplies a few rows by every weight once, so it is bound by how fast weights stream from memory;
 prefill is bound by FMA throughput. The BLAS in the torch wheel is far from both on this kind of CPU (see
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "packed_matmul.c"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("packed_matmul.c", "decode_ops.c")]
 NR = 16  # output columns per packed block (the kernel's NR)
 
 _lib: ctypes.CDLL | None = None
@@ -44,18 +46,19 @@ def _build() -> ctypes.CDLL | None:
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
-    source = _SOURCE.read_bytes()
+    source = b"".join(src.read_bytes() for src in _SOURCES)
     cc = os.environ.get("CC", "cc")
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
     key = hashlib.sha256(source + " ".join([cc, *flags]).encode()).hexdigest()[:16]
-    so = _cache_dir() / f"packed_matmul-{key}.so"
+    so = _cache_dir() / f"cpu_kernels-{key}.so"
     if not so.exists():
         so.parent.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename: several processes (shard actors) may build at once.
         fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=so.parent)
         os.close(fd)
         try:
-            subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], check=True, capture_output=True, timeout=120)
+            subprocess.run([cc, *flags, "-o", tmp, *map(str, _SOURCES), "-lm"], check=True, capture_output=True,
+                           timeout=120)
             os.replace(tmp, so)
         except (OSError, subprocess.SubprocessError) as e:
             err = getattr(e, "stderr", b"") or b""
@@ -66,7 +69,15 @@ def _build() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.grouped_packed_linear.argtypes = [ptr, i64, ptr, i64, ptr, ctypes.c_int, i64, ptr, ctypes.c_int]
     lib.packed_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, ptr, ctypes.c_int]
-    lib.grouped_packed_linear.restype = lib.packed_linear.restype = None
+    f32 = ctypes.c_float
+    lib.rms_norm.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, f32, ptr, i64, ctypes.c_int]
+    lib.rope_qk.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, f32, ptr, ctypes.c_int]
+    lib.silu_mul.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
+    lib.paged_decode_attention.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64,
+                                           i64, i64, f32, ptr, ctypes.c_int]
+    for fn in (lib.grouped_packed_linear, lib.packed_linear, lib.rms_norm, lib.rope_qk, lib.silu_mul,
+               lib.paged_decode_attention):
+        fn.restype = None
     return lib
 
 
@@ -82,6 +93,12 @@ def can_pack(weight: torch.Tensor, activation_dtype: torch.dtype) -> bool:
     """Whether ``weight`` should be packed: CPU, fp32 arithmetic, fp32/bf16 weights, and the kernel is here."""
     return (weight.device.type == "cpu" and activation_dtype == torch.float32
             and weight.dtype in (torch.float32, torch.bfloat16) and library() is not None)
+
+
+def fused_ok(*tensors: torch.Tensor | None) -> bool:
+    """Whether the fused CPU operations apply: the kernels are here and every given tensor is fp32 on CPU."""
+    return library() is not None and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32)
+                                          for t in tensors)
 
 
 def pack(w_NK: torch.Tensor) -> torch.Tensor:
@@ -133,3 +150,67 @@ def grouped_packed_linear(x_SK: torch.Tensor, counts_E: Sequence[int], packed_E:
     _lib.grouped_packed_linear(x_SK.data_ptr(), K, offs, E, packed_E.data_ptr(), packed_E.dtype == torch.bfloat16,
                                N, y_SN.data_ptr(), torch.get_num_threads())
     return y_SN
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [M, last] with unit stride along the last dim (a view where possible)."""
+    x_MD = x.reshape(-1, x.shape[-1])
+    return x_MD if x_MD.stride(-1) == 1 else x_MD.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y): h = x + residual (x itself when residual is None), y = (h * rsqrt(mean(h^2) + eps)) * weight."""
+    x_MD = _rows(x)
+    M, D = x_MD.shape
+    y_MD = torch.empty(M, D, dtype=torch.float32)
+    h_MD, d_MD = x_MD, None
+    if residual is not None:
+        d_MD = _rows(residual)
+        h_MD = torch.empty(M, D, dtype=torch.float32)
+    w = None if weight is None else weight.contiguous()
+    _lib.rms_norm(x_MD.data_ptr(), x_MD.stride(0), None if d_MD is None else d_MD.data_ptr(),
+                  0 if d_MD is None else d_MD.stride(0), h_MD.data_ptr(), M, D, None if w is None else w.data_ptr(),
+                  eps, y_MD.data_ptr(), D, torch.get_num_threads())
+    return h_MD.view(x.shape) if residual is not None else x, y_MD.view(x.shape)
+
+
+def rope_qk(qkv_TN: torch.Tensor, H: int, Hkv: int, Dh: int, rope_TF: tuple[torch.Tensor, torch.Tensor] | None,
+            qk_norm: bool, eps: float, q_scale_T: torch.Tensor | None) -> None:
+    """In place on the q|k|v rows of a fused projection: RoPE (when ``rope_TF``), q/k norm, q temperature scale."""
+    T = qkv_TN.shape[0]
+    assert qkv_TN.is_contiguous() and qkv_TN.shape[1] == (H + 2 * Hkv) * Dh
+    cos, sin = (None, None) if rope_TF is None else (rope_TF[0].contiguous(), rope_TF[1].contiguous())
+    scale = None if q_scale_T is None else q_scale_T.float().contiguous()
+    _lib.rope_qk(qkv_TN.data_ptr(), qkv_TN.shape[1], T, H, Hkv, Dh, None if cos is None else cos.data_ptr(),
+                 None if sin is None else sin.data_ptr(), int(qk_norm), eps, None if scale is None else scale.data_ptr(),
+                 torch.get_num_threads())
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate|up fused along the last dim: [..., 2F] -> [..., F]."""
+    x_M2F = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
+    M, F2 = x_M2F.shape
+    y_MF = torch.empty(M, F2 // 2, dtype=torch.float32)
+    _lib.silu_mul(x_M2F.data_ptr(), M, F2 // 2, y_MF.data_ptr(), torch.get_num_threads())
+    return y_MF.view(*gate_up.shape[:-1], F2 // 2)
+
+
+def paged_decode_attention(q_SHDh: torch.Tensor, k_SHDh: torch.Tensor, v_SHDh: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, blocks_SB: torch.Tensor, first_S: torch.Tensor, len_S: torch.Tensor,
+                           block_size: int, scale: float) -> torch.Tensor:
+    """One new token per sequence: write its k/v into the cache, attend over its visible keys: [S, H, Dh].
+
+    Sequence s sees logical offsets ``first_S[s] .. first_S[s] + len_S[s] - 1`` of its block table ``blocks_SB[s]``
+    (int64); the new key goes to the last of them. q/k/v rows may be strided views of a fused projection."""
+    S, H, Dh = q_SHDh.shape
+    Hkv = k_SHDh.shape[1]
+    q, k, v = (t.flatten(1) for t in (q_SHDh, k_SHDh, v_SHDh))
+    assert all(t.stride(1) == 1 for t in (q, k, v)) and k.stride(0) == v.stride(0)
+    assert blocks_SB.dtype == first_S.dtype == len_S.dtype == torch.int64 and blocks_SB.is_contiguous()
+    out = torch.empty(S, H, Dh, dtype=torch.float32)
+    _lib.paged_decode_attention(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(),
+                                v_cache.data_ptr(), blocks_SB.data_ptr(), blocks_SB.shape[1], first_S.data_ptr(),
+                                len_S.data_ptr(), S, H, Hkv, Dh, block_size, scale, out.data_ptr(),
+                                torch.get_num_threads())
+    return out

@@ -25,8 +25,7 @@ def grouped_swiglu(x_SD: torch.Tensor, counts_E: Sequence[int], gate_up_EDF2: to
     """
     if gate_up_EDF2.dim() == 4:  # packed: [E, 2F/16, D, 16] and [E, D/16, F, 16]
         h_SF2 = cpu_kernels.grouped_packed_linear(x_SD, counts_E, gate_up_EDF2, 2 * down_EFD.shape[2])
-        gate_SF, up_SF = h_SF2.chunk(2, dim=-1)
-        return cpu_kernels.grouped_packed_linear(F.silu(gate_SF) * up_SF, counts_E, down_EFD, x_SD.shape[1], out_SD)
+        return cpu_kernels.grouped_packed_linear(cpu_kernels.silu_mul(h_SF2), counts_E, down_EFD, x_SD.shape[1], out_SD)
     if _grouped_mm_ok(x_SD, gate_up_EDF2):
         y_SD = _grouped_swiglu_cuda(x_SD, counts_E, gate_up_EDF2, down_EFD)
         return y_SD if out_SD is None else out_SD.copy_(y_SD)

@@ -22,8 +22,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.fused_ok(x, self.weight):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)[1]
         # Normalise in fp32, cast back, then scale: the order transformers uses, which matters in bf16.
         return l2_norm(x, self.eps) * self.weight
+
+    def add_forward(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, norm(h + delta)): the residual add and the next norm, in one pass on CPU."""
+        if cpu_kernels.fused_ok(h, delta, self.weight):
+            return cpu_kernels.rms_norm(h, self.weight, self.eps, residual=delta)
+        h = h + delta
+        return h, self(h)
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,12 +66,39 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden: int, ffn: int):
         super().__init__()
+        self.ffn = ffn
         self.gate_proj = Linear(hidden, ffn, bias=False)
         self.up_proj = Linear(hidden, ffn, bias=False)
         self.down_proj = Linear(ffn, hidden, bias=False)
+        self.register_buffer("gate_up_packed", None, persistent=False)
+
+    def pack_for_cpu(self, activation_dtype: torch.dtype) -> None:
+        """Gate and up packed as one [2F, D] weight: one pass over x, and the activation fused after it."""
+        self.gate_up_packed = pack_fused(activation_dtype, self.gate_proj, self.up_proj)[0]
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_packed is not None:
+            gate_up_TF2 = cpu_kernels.packed_linear(x_TD, self.gate_up_packed, 2 * self.ffn)
+            return self.down_proj(cpu_kernels.silu_mul(gate_up_TF2))
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+
+
+def pack_fused(activation_dtype: torch.dtype, *linears: Linear) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(packed weight, bias) of several ``Linear``s on the same input as one product (their outputs side by side),
+    or (None, None) where the CPU kernels do not apply. Each output column is computed exactly as it would be alone;
+    the ``Linear``s give up their weights."""
+    weights = [lin.weight for lin in linears]
+    if any(w is None for w in weights) or len({w.dtype for w in weights}) != 1 \
+            or not cpu_kernels.can_pack(weights[0], activation_dtype):
+        return None, None
+    packed = cpu_kernels.pack(torch.cat([w.detach() for w in weights]))
+    biases = [lin.bias for lin in linears]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else torch.zeros(lin.out_features, dtype=activation_dtype)
+         for b, lin in zip(biases, linears)])
+    for lin in linears:
+        lin.weight = None
+    return packed, bias
 
 
 def rope_inv_freq(cfg: Llama4Config) -> torch.Tensor:

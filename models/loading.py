@@ -9,7 +9,6 @@ import torch
 from models import cpu_kernels
 from models.checkpoint import CheckpointReader
 from models.config import load_config
-from models.layers import Linear
 from models.model import Llama4TextModel
 from models.seam import ExpertSeam, LocalExperts
 
@@ -45,8 +44,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             model.experts.load_layer(layer, w.gate_up_EDF2.to(device=device, dtype=wdtype),
                                      w.down_EFD.to(device=device, dtype=wdtype), activation_dtype=dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    for module in model.modules():
-        if isinstance(module, Linear):
+    for module in model.modules():  # parents first: fused q|k|v and gate|up take their Linears' weights
+        if hasattr(module, "pack_for_cpu"):
             module.pack_for_cpu(dtype)
     _check_nothing_left_on_meta(model)
     return model.eval()

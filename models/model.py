@@ -27,8 +27,9 @@ class DecoderLayer(nn.Module):
                              else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp))
 
     def forward(self, h_TD, pos_T, rope_TF, backend: AttentionBackend):
-        h_TD = h_TD + self.self_attn(self.input_layernorm(h_TD), pos_T, rope_TF, backend)
-        return h_TD + self.feed_forward(self.post_attention_layernorm(h_TD))
+        attn_TD = self.self_attn(self.input_layernorm(h_TD), pos_T, rope_TF, backend)
+        h_TD, x_TD = self.post_attention_layernorm.add_forward(h_TD, attn_TD)
+        return h_TD + self.feed_forward(x_TD)
 
 
 class Llama4TextModel(nn.Module):

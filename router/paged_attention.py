@@ -4,7 +4,9 @@ One flat slot store per K and V, shared by all layers: a physical block holds ``
 layer. Global (NoPE) layers keep every block of a sequence; chunked (RoPE) layers keep only the blocks of the
 current chunk (see ``router/kv_blocks.py``). Each step writes the new tokens' K/V into their slots, gathers each
 sequence's visible keys and runs SDPA: all single-token (decode) rows in one padded batch, each multi-token
-(prefill) chunk on its own.
+(prefill) chunk on its own. On CPU in fp32 the decode rows go to one kernel instead (``cpu_kernels.
+paged_decode_attention``) that writes their K/V and reads the visible keys in place through the block tables:
+no gather, no padding, no mask.
 
 Shape legend: N slots (blocks x block size), T new tokens in the step, S decode sequences, L visible keys,
 K layers of one kind, H query heads, Hkv key/value heads, Dh head dim.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from models import cpu_kernels
 from models.config import Llama4Config
 from models.kv_cache import attention_mask
 from router.kv_blocks import KVBlockManager
@@ -73,36 +76,49 @@ class StepAttention:
                  device: torch.device | str = "cpu"):
         self.cache = cache
         bs, chunk = cache.block_size, cache.chunk_size
-        self.num_decodes = sum(c.num_tokens == 1 for c in chunks)
-        assert all(c.num_tokens == 1 for c in chunks[:self.num_decodes]), "decodes must come first"
-        self.write_slots: dict[str, torch.Tensor] = {}  # kind -> [K, T]
+        self.num_decodes = S = sum(c.num_tokens == 1 for c in chunks)
+        assert all(c.num_tokens == 1 for c in chunks[:S]), "decodes must come first"
+        # The kernel writes and reads the decode rows itself; otherwise every row is written here.
+        self.fused = S > 0 and torch.device(device).type == "cpu" and cpu_kernels.fused_ok(cache.k_NHDh)
+        written = chunks[S:] if self.fused else chunks
+        self.write_slots: dict[str, torch.Tensor] = {}  # kind -> [K, rows written here]
         self.decode: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind -> (slots [K, S, L], mask [S,1,1,L])
+        self.decode_tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # fused: see _tables
         self.prefill: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # kind -> [(slots [K, L], mask [n, L])]
         for kind, num_layers in cache.num_layers.items():
             if num_layers == 0:
                 continue
-            vis = [_visible(blocks, c, kind, bs, chunk) for c in chunks]
-            self.write_slots[kind] = torch.cat([v.slots_KL[:, -c.num_tokens:] for v, c in zip(vis, chunks)],
-                                               dim=1).to(device)
             kind_chunk = chunk if kind == CHUNKED else None
-            if self.num_decodes:
-                self.decode[kind] = _batch_decodes(vis[:self.num_decodes], chunks[:self.num_decodes], kind_chunk,
-                                                   device)
+            vis = [_visible(blocks, c, kind, bs, chunk) for c in (chunks[S:] if self.fused else chunks)]
+            if written:
+                self.write_slots[kind] = torch.cat([v.slots_KL[:, -c.num_tokens:] for v, c in
+                                                    zip(vis[-len(written):], written)], dim=1).to(device)
+            if self.fused:
+                self.decode_tables[kind] = _decode_tables(blocks, chunks[:S], kind, bs, kind_chunk)
+            elif S:
+                self.decode[kind] = _batch_decodes(vis[:S], chunks[:S], kind_chunk, device)
             self.prefill[kind] = [
                 (v.slots_KL.to(device),
                  attention_mask(torch.arange(c.start, c.end), v.k_pos_L, kind_chunk).to(device))
-                for v, c in zip(vis[self.num_decodes:], chunks[self.num_decodes:])]
+                for v, c in zip(vis[-len(chunks[S:]):] if chunks[S:] else [], chunks[S:])]
 
     def attend(self, layer: int, chunk: int | None, pos_T: torch.Tensor, q_THDh: torch.Tensor,
                k_THDh: torch.Tensor, v_THDh: torch.Tensor) -> torch.Tensor:
         kind, idx = self.cache.layer_kind[layer]
         k_NHDh, v_NHDh = self.cache.k_NHDh, self.cache.v_NHDh
-        slots_T = self.write_slots[kind][idx]
-        k_NHDh[slots_T] = k_THDh.to(k_NHDh.dtype)  # write first: every query sees its own key
-        v_NHDh[slots_T] = v_THDh.to(v_NHDh.dtype)
-        outs = []
         S, scale = self.num_decodes, q_THDh.shape[-1] ** -0.5
-        if S:
+        first_written = S if self.fused else 0
+        if kind in self.write_slots:
+            slots_T = self.write_slots[kind][idx]
+            k_NHDh[slots_T] = k_THDh[first_written:].to(k_NHDh.dtype)  # write first: every query sees its own key
+            v_NHDh[slots_T] = v_THDh[first_written:].to(v_NHDh.dtype)
+        outs = []
+        if self.fused:
+            blocks_KSB, first_S, len_S = self.decode_tables[kind]
+            outs.append(cpu_kernels.paged_decode_attention(q_THDh[:S], k_THDh[:S], v_THDh[:S], k_NHDh, v_NHDh,
+                                                           blocks_KSB[idx], first_S, len_S, self.cache.block_size,
+                                                           scale))
+        elif S:
             slots_KSL, mask_S11L = self.decode[kind]
             keys = k_NHDh[slots_KSL[idx]].transpose(1, 2)  # [S, L, Hkv, Dh] -> [S, Hkv, L, Dh]
             values = v_NHDh[slots_KSL[idx]].transpose(1, 2)
@@ -119,6 +135,24 @@ class StepAttention:
             outs.append(out_HnDh.transpose(0, 1))
             row += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _decode_tables(blocks: KVBlockManager, chunks: list[ScheduledChunk], kind: str, bs: int,
+                   chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the decode kernel reads for single-token ``chunks``: the in-window blocks of each sequence per layer
+    [K, S, B] (zero-padded), and the offset of the first visible key in them [S] and how many are visible [S]."""
+    rows, first_S, len_S = [], [], []
+    for c in chunks:
+        tables = blocks.global_tables(c.seq.request_id) if kind == GLOBAL else blocks.chunked_tables(c.seq.request_id)
+        first = 0 if chunk is None else (c.start // chunk) * chunk  # chunked: keys of the query's own chunk
+        lo, hi = first // bs, c.start // bs
+        rows.append([t[lo:hi + 1] for t in tables])  # in-window: never None
+        first_S.append(first - lo * bs)
+        len_S.append(c.start - first + 1)
+    width = max(len(r[0]) for r in rows)
+    padded = [[t + [0] * (width - len(t)) for t in r] for r in rows]
+    blocks_KSB = torch.tensor(padded, dtype=torch.long).transpose(0, 1).contiguous()
+    return blocks_KSB, torch.tensor(first_S, dtype=torch.long), torch.tensor(len_S, dtype=torch.long)
 
 
 def _batch_decodes(vis: list[_Visible], chunks: list[ScheduledChunk], chunk: int | None,

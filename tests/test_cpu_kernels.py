@@ -1,5 +1,6 @@
-"""The CPU kernels (models/csrc/packed_matmul.c) against torch: odd shapes, bf16 weights, experts without rows,
-the fallback, a build from scratch, and the model with bf16-held weights against fp32-held ones."""
+"""The CPU kernels (models/csrc/) against torch: odd shapes, bf16 weights, experts without rows, the fused norm /
+RoPE / activation / decode-attention operations against the reference math, the fallback, a build from scratch,
+the model with bf16-held weights against fp32-held ones, and the model without the kernels against with them."""
 
 import os
 import subprocess
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 
 from models import cpu_kernels
 from models.expert_math import grouped_swiglu, pack_experts, unpack_experts
-from models.layers import Linear
+from models.attention import temperature_scale
+from models.layers import Linear, apply_rope, l2_norm, rope_cos_sin
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no AVX2/FMA CPU or no C compiler here")
 
@@ -126,8 +128,9 @@ def test_model_with_bf16_weights_equals_fp32_weights(ckpt):
     assert resident_weight_dtype(ckpt, torch.bfloat16) == torch.bfloat16
     assert resident_weight_dtype(ckpt, torch.float32, requested="float32") == torch.float32  # told: as told
     m32, m16 = load_model(ckpt), load_model(ckpt, weight_dtype=torch.bfloat16)
-    q_proj = m16.layers[0].self_attn.q_proj
-    assert q_proj.weight is None and q_proj.packed.dtype == torch.bfloat16 and m16.norm.weight.dtype == torch.float32
+    attn = m16.layers[0].self_attn
+    assert attn.q_proj.weight is None and attn.qkv_packed.dtype == torch.bfloat16  # q|k|v fused, held bf16
+    assert m16.layers[0].self_attn.o_proj.packed.dtype == torch.bfloat16 and m16.norm.weight.dtype == torch.float32
     assert m16.experts.gate_up_EDF2["0"].dtype == torch.bfloat16 and m16.experts.gate_up_EDF2["0"].dim() == 4
     prompt = torch.randint(3, 300, (3, 40), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -139,3 +142,94 @@ def test_model_with_bf16_weights_equals_fp32_weights(ckpt):
             step32, step16 = m32(nxt, c32), m16(nxt, c16)
             assert torch.equal(step32, step16)
             nxt = step32[:, -1:].argmax(-1)
+
+
+# ----------------------------------------------------------------------------- fused operations (decode_ops.c)
+
+
+@pytest.mark.parametrize("M,D", [(1, 8), (3, 64), (37, 768), (5, 13)])
+def test_rms_norm_with_and_without_the_residual_add(M, D):
+    g = torch.Generator().manual_seed(M + D)
+    x, d, w = torch.randn(M, 2 * D, generator=g)[:, :D], torch.randn(M, D, generator=g), torch.randn(D, generator=g)
+    h, y = cpu_kernels.rms_norm(x, w, 1e-5, residual=d)  # x is a strided view: read in place
+    assert torch.equal(h, x + d)
+    torch.testing.assert_close(y, l2_norm(x + d, 1e-5) * w, rtol=1e-6, atol=1e-6)
+    same, y0 = cpu_kernels.rms_norm(x, None, 1e-5)
+    assert same is x
+    torch.testing.assert_close(y0, l2_norm(x, 1e-5), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rope,qk_norm,tuned", [(True, True, False), (True, False, False), (False, False, True)])
+def test_rope_qk_norm_and_temperature_in_place(rope, qk_norm, tuned):
+    H, Hkv, Dh, T = 6, 2, 16, 7
+    g = torch.Generator().manual_seed(int(rope) * 4 + int(qk_norm) * 2 + int(tuned))
+    qkv = torch.randn(T, (H + 2 * Hkv) * Dh, generator=g)
+    pos_T = torch.tensor([0, 1, 5, 31, 32, 900, 70000])
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, Dh, 2).float() / Dh))
+    rope_TF = rope_cos_sin(inv_freq, pos_T)
+    scale_T = temperature_scale(pos_T, 32, 0.1) if tuned else None
+    q = qkv[:, :H * Dh].unflatten(-1, (H, Dh))
+    k = qkv[:, H * Dh:(H + Hkv) * Dh].unflatten(-1, (Hkv, Dh))
+    v = qkv[:, (H + Hkv) * Dh:].clone()
+    if rope:
+        q, k = apply_rope(q, *rope_TF), apply_rope(k, *rope_TF)
+    if qk_norm:
+        q, k = l2_norm(q, 1e-5), l2_norm(k, 1e-5)
+    if tuned:
+        q = q * scale_T[:, None, None]
+    cpu_kernels.rope_qk(qkv, H, Hkv, Dh, rope_TF if rope else None, qk_norm, 1e-5, scale_T)
+    torch.testing.assert_close(qkv[:, :H * Dh], q.flatten(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(qkv[:, H * Dh:(H + Hkv) * Dh], k.flatten(1), rtol=1e-6, atol=1e-6)
+    assert torch.equal(qkv[:, (H + Hkv) * Dh:], v)  # values untouched
+
+
+@pytest.mark.parametrize("M,F_", [(1, 8), (4, 13), (33, 1000)])
+def test_silu_mul_matches_torch_across_the_range(M, F_):
+    g = torch.Generator().manual_seed(M + F_)
+    x = torch.randn(M, 2 * F_, generator=g) * 30  # reaches where exp over- and underflows
+    x[0, :4] = torch.tensor([0.0, -100.0, 100.0, 1e-30])
+    ref = F.silu(x[:, :F_].double()) * x[:, F_:].double()
+    torch.testing.assert_close(cpu_kernels.silu_mul(x).double(), ref, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("H,Hkv,Dh", [(12, 4, 64), (4, 2, 16), (8, 1, 128), (3, 3, 8)])
+def test_paged_decode_attention_matches_sdpa_over_the_same_keys(H, Hkv, Dh):
+    bs, S = 4, 6
+    g = torch.Generator().manual_seed(H * 100 + Dh)
+    len_S = torch.tensor([1, 2, 5, 9, 17, 3])
+    first_S = torch.tensor([0, 3, 1, 0, 2, 0])  # where the window starts in the first listed block
+    width = int(((first_S + len_S + bs - 1) // bs).max())
+    n_blocks = S * width + 3
+    blocks_SB = torch.randperm(n_blocks, generator=g)[:S * width].view(S, width).contiguous()  # disjoint, shuffled
+    k_cache, v_cache = torch.randn(2, n_blocks * bs, Hkv, Dh, generator=g)
+    qkv = torch.randn(S, (H + 2 * Hkv) * Dh, generator=g)  # q|k|v side by side, as the fused projection leaves them
+    q = qkv[:, :H * Dh].unflatten(-1, (H, Dh))
+    k = qkv[:, H * Dh:(H + Hkv) * Dh].unflatten(-1, (Hkv, Dh))
+    v = qkv[:, (H + Hkv) * Dh:].unflatten(-1, (Hkv, Dh))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    out = cpu_kernels.paged_decode_attention(q, k, v, k_cache, v_cache, blocks_SB, first_S, len_S, bs, Dh ** -0.5)
+    for s in range(S):
+        offs = first_S[s] + torch.arange(len_S[s])
+        slots = blocks_SB[s][offs // bs] * bs + offs % bs
+        k_ref[slots[-1]], v_ref[slots[-1]] = k[s], v[s]
+        ref = F.scaled_dot_product_attention(q[s][:, None], k_ref[slots].transpose(0, 1), v_ref[slots].transpose(0, 1),
+                                             scale=Dh ** -0.5, enable_gqa=True)[:, 0]
+        torch.testing.assert_close(out[s], ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # wrote each new key, nothing else
+
+
+def test_model_without_the_kernels_gives_the_same_logits(ckpt, monkeypatch):
+    """The torch path (no compiler, no AVX2, or MOE_SERVE_CPU_KERNELS=0) and the kernel path are the same model."""
+    from models.loading import load_model
+
+    fast = load_model(ckpt)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    plain = load_model(ckpt)
+    assert plain.layers[0].self_attn.qkv_packed is None and plain.layers[0].self_attn.q_proj.weight is not None
+    prompt = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        c_plain, c_fast = plain.new_cache(2), fast.new_cache(2)
+        monkeypatch.setattr(cpu_kernels, "_lib", None)
+        logits_plain = plain(prompt, c_plain)
+        monkeypatch.undo()
+        torch.testing.assert_close(fast(prompt, c_fast), logits_plain, rtol=1e-4, atol=1e-4)

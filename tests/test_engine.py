@@ -58,6 +58,22 @@ def test_mixed_batch_with_late_joins_and_preemption_matches_running_alone(model,
     assert engine.blocks.num_free == engine.blocks.num_blocks  # every block came back
 
 
+def test_torch_path_without_the_cpu_kernels_matches_running_alone(ckpt, tokenizer, monkeypatch):
+    """Where the CPU kernels cannot run (GPU, no compiler): gathered keys and padded SDPA for the decodes."""
+    from models import cpu_kernels
+    from models.loading import load_model
+
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    plain = load_model(ckpt)
+    prompts = _prompts(4, [5, 40, 17, 3], seed=3)
+    reqs = [GenerationRequest(f"p{i}", p, GREEDY) for i, p in enumerate(prompts)]
+    engine = _engine(plain, tokenizer, blocks=60)  # too few for all at once: preemption too
+    out = _run(engine, reqs[:2], join_at={3: reqs[2:]})
+    for r in reqs:
+        assert out[r.request_id] == _alone(plain, list(r.prompt_ids), GREEDY.max_tokens), r.request_id
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
 def test_bf16_held_weights_serve_the_same_tokens(ckpt, model, tokenizer):
     """What the server does with a bf16 checkpoint on CPU (weight_dtype auto): fp32 KV cache and arithmetic."""
     from models.loading import load_model

@@ -1,0 +1,221 @@
+/* The small operations of a CPU forward step, one call each instead of five to fifteen torch operators.
+ *
+ * Why: a decode step on this kind of CPU spends as long in norms, RoPE, SwiGLU's activation and attention over a
+ * handful of cached keys as in the matrix products (models/csrc/packed_matmul.c): each torch operator costs
+ * 5-20 us of dispatch and allocation whatever its size, and a layer needs dozens of them. Everything here is
+ * fp32, row-wise (a row's result never depends on the other rows of the batch) and follows the reference's order
+ * of operations (models/layers.py); only the order of additions inside a reduction may differ from torch's.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define UNROLL8 _Pragma("GCC unroll 8")
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* e^x for 8 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^7 (relative error ~1e-8,
+ * below fp32's rounding), times 2^n built in the exponent bits. Inputs are clamped to where 2^n is a normal. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts (Cody-Waite) */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline float exp1(float x) { /* the same e^x for one value (tails), so a row never mixes two exps */
+    float lanes[8];
+    _mm256_storeu_ps(lanes, exp256(_mm256_set1_ps(x)));
+    return lanes[0];
+}
+
+/* 1 / sqrt(mean(x^2) + eps), the factor of Llama's RMS norm (and of its weightless q/k norm). */
+static inline float rms_factor(const float *x, int64_t n, float eps) {
+    return 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+}
+
+/* y = (x * r) * w per row, r = rms_factor(x); w may be NULL (weightless). With d given, x = h + d is formed
+ * first and written to h_out (the residual stream), so "add then normalise" is one pass. */
+void rms_norm(const float *h, int64_t ldh, const float *d, int64_t ldd, float *h_out, int64_t M, int64_t D,
+              const float *w, float eps, float *y, int64_t ldy, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * D >= 65536)
+    for (int64_t m = 0; m < M; m++) {
+        const float *x = h + m * ldh;
+        if (d) {
+            float *o = h_out + m * D;
+            for (int64_t i = 0; i < D; i++) o[i] = x[i] + d[m * ldd + i];
+            x = o;
+        }
+        const float r = rms_factor(x, D, eps);
+        float *out = y + m * ldy;
+        if (w)
+            for (int64_t i = 0; i < D; i++) out[i] = (x[i] * r) * w[i];
+        else
+            for (int64_t i = 0; i < D; i++) out[i] = x[i] * r;
+    }
+}
+
+/* In place on the q and k heads of one token row (q: H heads, then k: Hkv heads, each Dh, contiguous as the fused
+ * q|k|v projection leaves them): RoPE on adjacent pairs (Llama 4's complex form) when cos/sin are given, then the
+ * weightless q/k norm when qk_norm, then q times q_scale[t] (NoPE temperature tuning) when q_scale is given. */
+void rope_qk(float *qkv, int64_t ld, int64_t T, int64_t H, int64_t Hkv, int64_t Dh, const float *cos_TF,
+             const float *sin_TF, int qk_norm, float eps, const float *q_scale, int nthreads) {
+    const int64_t F = Dh / 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && T * (H + Hkv) * Dh >= 65536)
+    for (int64_t t = 0; t < T; t++) {
+        float *row = qkv + t * ld;
+        for (int64_t h = 0; h < H + Hkv; h++) {
+            float *x = row + h * Dh;
+            if (cos_TF) {
+                const float *c = cos_TF + t * F, *s = sin_TF + t * F;
+                for (int64_t f = 0; f < F; f++) {
+                    const float a = x[2 * f], b = x[2 * f + 1];
+                    x[2 * f] = a * c[f] - b * s[f];
+                    x[2 * f + 1] = a * s[f] + b * c[f];
+                }
+            }
+            if (qk_norm) {
+                const float r = rms_factor(x, Dh, eps);
+                for (int64_t i = 0; i < Dh; i++) x[i] *= r;
+            }
+            if (q_scale && h < H)
+                for (int64_t i = 0; i < Dh; i++) x[i] *= q_scale[t];
+        }
+    }
+}
+
+/* y[m, :F] = silu(g) * u with g = x[m, :F], u = x[m, F:2F] (gate and up fused along the last dim). */
+void silu_mul(const float *x, int64_t M, int64_t F, float *y, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * F >= 65536)
+    for (int64_t m = 0; m < M; m++) {
+        const float *g = x + m * 2 * F, *u = g + F;
+        float *o = y + m * F;
+        int64_t i = 0;
+        for (; i + 8 <= F; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i), one = _mm256_set1_ps(1.0f);
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+        }
+        for (; i < F; i++) o[i] = g[i] / (1.0f + exp1(-g[i])) * u[i];
+    }
+}
+
+/* r[k] = the sum of the 8 lanes of a[k], for 8 vectors at once. */
+static inline __m256 hsum8(const __m256 a[8]) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* Attention of one new token per sequence over its visible keys in a paged cache.
+ *
+ * Sequence s sees keys at logical offsets first[s] .. first[s] + len[s] - 1 of its block table blocks[s, :]
+ * (offset o lives in slot blocks[s, o / bs] * bs + o % bs of the cache [slots][Hkv][Dh]); its own new key/value
+ * (k_new/v_new row s, when given) are written to the last of those slots first. Query head h uses kv head
+ * h / (H / Hkv). Softmax in two passes over the scores (max, then exp and sum), as SDPA's math does.
+ *
+ * One task per sequence, so each cached key/value row (all kv heads, contiguous) is read once, in block order:
+ * the row is what memory delivers, and 8 query heads are scored against it with independent FMA chains.
+ * Needs Dh % 8 == 0. */
+void paged_decode_attention(const float *q, int64_t ldq, const float *k_new, const float *v_new, int64_t ldkv,
+                            float *k_cache, float *v_cache, const int64_t *blocks, int64_t max_blocks,
+                            const int64_t *first, const int64_t *len, int64_t S, int64_t H, int64_t Hkv, int64_t Dh,
+                            int64_t bs, float scale, float *out, int nthreads) {
+    const int64_t G = H / Hkv, row = Hkv * Dh, Hp = (H + 7) / 8 * 8; /* scores [L][Hp], heads padded to 8 */
+    if (k_new)
+        for (int64_t s = 0; s < S; s++) {
+            const int64_t o = first[s] + len[s] - 1, slot = blocks[s * max_blocks + o / bs] * bs + o % bs;
+            for (int64_t i = 0; i < row; i++)
+                k_cache[slot * row + i] = k_new[s * ldkv + i], v_cache[slot * row + i] = v_new[s * ldkv + i];
+        }
+    int64_t longest = 1, keys = 0;
+    for (int64_t s = 0; s < S; s++) longest = len[s] > longest ? len[s] : longest, keys += len[s];
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && S > 1 && keys * H * Dh >= 65536)
+    {
+        float *p = aligned_alloc(32, sizeof(float) * (Hp * longest + Hp + Hp * Dh));
+        float *inv = p + Hp * longest, *qpad = inv + Hp;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t s = 0; s < S; s++) {
+            const int64_t L = len[s], *tab = blocks + s * max_blocks;
+            const float *qs = q + s * ldq;
+            /* scores p[j][h] = q_h . k_j * scale; q padded to whole groups of 8 heads (zeros score 0, unused) */
+            for (int64_t i = 0; i < Hp * Dh; i++) qpad[i] = i < H * Dh ? qs[i] : 0.0f;
+            for (int64_t j = 0; j < L; j++) {
+                const int64_t o = first[s] + j;
+                const float *k = k_cache + (tab[o / bs] * bs + o % bs) * row;
+                for (int64_t hb = 0; hb < Hp; hb += 8) {
+                    const float *kh[8];
+                    UNROLL8 for (int h = 0; h < 8; h++) kh[h] = k + (hb + h < H ? (hb + h) / G : 0) * Dh;
+                    __m256 acc[8];
+                    UNROLL8 for (int h = 0; h < 8; h++) acc[h] = _mm256_setzero_ps();
+                    for (int64_t i = 0; i < Dh; i += 8)
+                        UNROLL8 for (int h = 0; h < 8; h++)
+                            acc[h] = _mm256_fmadd_ps(_mm256_load_ps(qpad + (hb + h) * Dh + i),
+                                                     _mm256_loadu_ps(kh[h] + i), acc[h]);
+                    _mm256_storeu_ps(p + j * Hp + hb, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+                }
+            }
+            /* softmax over j for 8 heads at a time (lanes = heads) */
+            for (int64_t hb = 0; hb < Hp; hb += 8) {
+                __m256 mx = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
+                for (int64_t j = 0; j < L; j++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(p + j * Hp + hb));
+                for (int64_t j = 0; j < L; j++) {
+                    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + j * Hp + hb), mx));
+                    _mm256_storeu_ps(p + j * Hp + hb, e);
+                    sum = _mm256_add_ps(sum, e);
+                }
+                _mm256_storeu_ps(inv + hb, _mm256_div_ps(_mm256_set1_ps(1.0f), sum));
+            }
+            /* out_h = sum_j p[j][h] v_j: 64 dims (8 accumulators) at a time, then what is left 8 at a time */
+            for (int64_t h = 0; h < H; h++) {
+                int64_t d0 = 0;
+                for (; d0 + 64 <= Dh; d0 += 64) {
+                    __m256 acc[8];
+                    UNROLL8 for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();
+                    for (int64_t j = 0; j < L; j++) {
+                        const int64_t o = first[s] + j;
+                        const float *vr = v_cache + (tab[o / bs] * bs + o % bs) * row + h / G * Dh + d0;
+                        const __m256 pj = _mm256_set1_ps(p[j * Hp + h] * inv[h]);
+                        UNROLL8 for (int v = 0; v < 8; v++) acc[v] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * v), acc[v]);
+                    }
+                    UNROLL8 for (int v = 0; v < 8; v++) _mm256_storeu_ps(out + (s * H + h) * Dh + d0 + 8 * v, acc[v]);
+                }
+                for (; d0 < Dh; d0 += 8) {
+                    __m256 acc = _mm256_setzero_ps();
+                    for (int64_t j = 0; j < L; j++) {
+                        const int64_t o = first[s] + j;
+                        const float *vr = v_cache + (tab[o / bs] * bs + o % bs) * row + h / G * Dh + d0;
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j * Hp + h] * inv[h]), _mm256_loadu_ps(vr), acc);
+                    }
+                    _mm256_storeu_ps(out + (s * H + h) * Dh + d0, acc);
+                }
+            }
+        }
+        free(p);
+    }
+}
