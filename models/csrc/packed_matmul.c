@@ -82,9 +82,14 @@ void grouped_packed_linear(const float *x, int64_t K, const int64_t *offs, int64
             const int64_t lo = offs[e] + c0, hi = offs[e + 1] < lo + MC ? offs[e + 1] : lo + MC;
             const char *blk = (const char *)w + ((e * nblk + b) * K * NR) * esz;
             const int cols = (int)(N - b * NR < NR ? N - b * NR : NR);
-            for (int64_t m = lo; m < hi; m += MR) {
-                const int r = (int)(hi - m < MR ? hi - m : MR);
+            /* ceil(rows / MR) tiles of near-equal height (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2): a short tile
+             * streams the block for as long as a full one but does a fraction of the arithmetic. */
+            const int64_t tiles = (hi - lo + MR - 1) / MR, base = tiles ? (hi - lo) / tiles : 0;
+            const int64_t extra = tiles ? (hi - lo) % tiles : 0;
+            for (int64_t t = 0, m = lo; t < tiles; t++) {
+                const int r = (int)(base + (t < extra));
                 (w_bf16 ? micro_bf16 : micro_f32)[r](x + m * K, K, blk, K, y + m * N + b * NR, N, cols);
+                m += r;
             }
         }
     }
