@@ -75,8 +75,12 @@ def _build() -> ctypes.CDLL | None:
     lib.silu_mul.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     lib.paged_decode_attention.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64,
                                            i64, i64, f32, ptr, ctypes.c_int]
+    lib.topk_sigmoid.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+    lib.route_sort.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.gather_scaled.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, ptr]
+    lib.scatter_sum.argtypes = [ptr, ptr, i64, i64, i64, ptr]
     for fn in (lib.grouped_packed_linear, lib.packed_linear, lib.rms_norm, lib.rope_qk, lib.silu_mul,
-               lib.paged_decode_attention):
+               lib.paged_decode_attention, lib.topk_sigmoid, lib.route_sort, lib.gather_scaled, lib.scatter_sum):
         fn.restype = None
     return lib
 
@@ -214,3 +218,41 @@ def paged_decode_attention(q_SHDh: torch.Tensor, k_SHDh: torch.Tensor, v_SHDh: t
                                 len_S.data_ptr(), S, H, Hkv, Dh, block_size, scale, out.data_ptr(),
                                 torch.get_num_threads())
     return out
+
+
+# ----------------------------------------------------------------------------- MoE routing (few tokens: no torch ops)
+
+
+def topk_sigmoid(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmoid scores [T, K] fp32, expert ids [T, K] int64), best first; the lowest id wins a tie."""
+    logits_TE = logits_TE.contiguous()
+    T, E = logits_TE.shape
+    scores_TK, ids_TK = torch.empty(T, k, dtype=torch.float32), torch.empty(T, k, dtype=torch.int64)
+    _lib.topk_sigmoid(logits_TE.data_ptr(), T, E, k, scores_TK.data_ptr(), ids_TK.data_ptr())
+    return scores_TK, ids_TK
+
+
+def route_sort(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """(slot_S: the slots t*K+k expert-major, token order kept within an expert; rows per expert)."""
+    ids_S = expert_ids_TK.reshape(-1).contiguous()
+    slot_S, counts_E = torch.empty_like(ids_S), torch.empty(num_experts, dtype=torch.int64)
+    _lib.route_sort(ids_S.data_ptr(), ids_S.numel(), num_experts, slot_S.data_ptr(), counts_E.data_ptr())
+    return slot_S, counts_E.tolist()
+
+
+def gather_scaled(x_TD: torch.Tensor, scores_TK: torch.Tensor, slot_S: torch.Tensor) -> torch.Tensor:
+    """rows [S, D]: x of each slot's token times the slot's score, expert-major."""
+    x = _rows(x_TD)
+    scores = scores_TK.contiguous()
+    K, (S, D) = scores_TK.shape[1], (slot_S.numel(), x.shape[1])
+    rows_SD = torch.empty(S, D, dtype=torch.float32)
+    _lib.gather_scaled(x.data_ptr(), x.stride(0), scores.data_ptr(), slot_S.data_ptr(), S, K, D, rows_SD.data_ptr())
+    return rows_SD
+
+
+def scatter_sum(rows_SD: torch.Tensor, slot_S: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    """[T, D]: each token's K expert rows summed, k in order."""
+    rows_SD = rows_SD.contiguous()
+    y_TD = torch.empty(T, rows_SD.shape[1], dtype=torch.float32)
+    _lib.scatter_sum(rows_SD.data_ptr(), slot_S.data_ptr(), T, K, rows_SD.shape[1], y_TD.data_ptr())
+    return y_TD

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models import cpu_kernels
 from models.config import Llama4Config
 from models.expert_math import grouped_swiglu, pack_experts
 
@@ -35,6 +36,9 @@ class RouteLayout:
 
 def route_layout(expert_ids_TK: torch.Tensor, num_experts: int) -> RouteLayout:
     T, K = expert_ids_TK.shape
+    if cpu_kernels.library() is not None and expert_ids_TK.device.type == "cpu":
+        slot_S, counts = cpu_kernels.route_sort(expert_ids_TK, num_experts)
+        return RouteLayout(num_tokens=T, top_k=K, slot_S=slot_S, counts_E=tuple(counts))
     flat_S = expert_ids_TK.reshape(-1)
     # token-major -> expert-major; stable so rows of one expert keep token order (deterministic results)
     slot_S = torch.argsort(flat_S, stable=True)
@@ -44,6 +48,8 @@ def route_layout(expert_ids_TK: torch.Tensor, num_experts: int) -> RouteLayout:
 
 def gather_scaled_rows(x_TD: torch.Tensor, scores_TK: torch.Tensor, layout: RouteLayout) -> torch.Tensor:
     """Expert-major rows [S, D], each already multiplied by its routing score (Llama 4 scales the *input*)."""
+    if cpu_kernels.fused_ok(x_TD, scores_TK):
+        return cpu_kernels.gather_scaled(x_TD, scores_TK, layout.slot_S)
     token_S = layout.slot_S // layout.top_k
     return x_TD[token_S] * scores_TK.reshape(-1)[layout.slot_S, None]
 
@@ -51,6 +57,8 @@ def gather_scaled_rows(x_TD: torch.Tensor, scores_TK: torch.Tensor, layout: Rout
 def scatter_sum(out_SD: torch.Tensor, layout: RouteLayout) -> torch.Tensor:
     """Expert-major rows back to token order, summed over each token's K experts: [S, D] -> [T, D]."""
     T, K = layout.num_tokens, layout.top_k
+    if cpu_kernels.fused_ok(out_SD):
+        return cpu_kernels.scatter_sum(out_SD, layout.slot_S, T, K)
     slots_SD = torch.empty_like(out_SD)
     slots_SD[layout.slot_S] = out_SD  # expert-major -> token-major
     return slots_SD.view(T, K, out_SD.shape[-1]).sum(dim=1)
@@ -117,6 +125,8 @@ class LocalExperts(ExpertSeam, nn.Module):
 
 def top_k_gate(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts per token and their sigmoid scores (sigmoid in fp32, like the reference)."""
+    if cpu_kernels.fused_ok(router_logits_TE) and router_logits_TE.shape[0] <= 256:  # few tokens: no torch ops
+        return cpu_kernels.topk_sigmoid(router_logits_TE, top_k)
     logits_TK, expert_ids_TK = torch.topk(router_logits_TE, top_k, dim=-1)
     scores_TK = torch.sigmoid(logits_TK.float()).to(router_logits_TE.dtype)
     return scores_TK, expert_ids_TK

@@ -233,3 +233,22 @@ def test_model_without_the_kernels_gives_the_same_logits(ckpt, monkeypatch):
         logits_plain = plain(prompt, c_plain)
         monkeypatch.undo()
         torch.testing.assert_close(fast(prompt, c_fast), logits_plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 16, 1), (7, 4, 2), (40, 16, 1), (5, 8, 3)])
+def test_routing_kernels_match_the_torch_reference(T, E, K):
+    g = torch.Generator().manual_seed(T * E * K)
+    logits_TE, x_TD = torch.randn(T, E, generator=g), torch.randn(T, 2 * 24, generator=g)[:, ::2]  # strided x
+    scores_TK, ids_TK = cpu_kernels.topk_sigmoid(logits_TE, K)
+    ref_logits, ref_ids = torch.topk(logits_TE, K)
+    assert torch.equal(ids_TK, ref_ids)
+    torch.testing.assert_close(scores_TK, torch.sigmoid(ref_logits), rtol=1e-6, atol=0)
+    slot_S, counts = cpu_kernels.route_sort(ids_TK, E)
+    assert torch.equal(slot_S, torch.argsort(ids_TK.reshape(-1), stable=True))
+    assert counts == torch.bincount(ids_TK.reshape(-1), minlength=E).tolist()
+    rows_SD = cpu_kernels.gather_scaled(x_TD, scores_TK, slot_S)
+    assert torch.equal(rows_SD, x_TD[slot_S // K] * scores_TK.reshape(-1)[slot_S, None])
+    token_major = torch.empty_like(rows_SD)
+    token_major[slot_S] = rows_SD
+    torch.testing.assert_close(cpu_kernels.scatter_sum(rows_SD, slot_S, T, K), token_major.view(T, K, -1).sum(1),
+                               rtol=1e-6, atol=1e-6)

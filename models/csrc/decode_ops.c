@@ -219,3 +219,56 @@ void paged_decode_attention(const float *q, int64_t ldq, const float *k_new, con
         free(p);
     }
 }
+
+/* MoE routing for T tokens and E experts, top-K: the expert ids of each token, best first (the lowest id wins a
+ * tie), and their sigmoid scores. */
+void topk_sigmoid(const float *logits, int64_t T, int64_t E, int64_t K, float *scores, int64_t *ids) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *l = logits + t * E;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int64_t j = 0; j < k; j++) taken |= ids[t * K + j] == e;
+                if (!taken && (best < 0 || l[e] > l[best])) best = e;
+            }
+            ids[t * K + k] = best;
+            scores[t * K + k] = 1.0f / (1.0f + expf(-l[best]));
+        }
+    }
+}
+
+/* Slots t*K+k laid out expert-major (a stable counting sort: token order within an expert): slot[S], counts[E]. */
+void route_sort(const int64_t *ids, int64_t S, int64_t E, int64_t *slot, int64_t *counts) {
+    int64_t *next = calloc(E + 1, sizeof(int64_t));
+    for (int64_t e = 0; e < E; e++) counts[e] = 0;
+    for (int64_t i = 0; i < S; i++) counts[ids[i]]++;
+    for (int64_t e = 0; e < E; e++) next[e + 1] = next[e] + counts[e];
+    for (int64_t i = 0; i < S; i++) slot[next[ids[i]]++] = i;
+    free(next);
+}
+
+/* rows[i] = x[slot[i] / K] * scores[slot[i]]: each expert-major row scaled by its routing score. */
+void gather_scaled(const float *x, int64_t ldx, const float *scores, const int64_t *slot, int64_t S, int64_t K,
+                   int64_t D, float *rows) {
+    for (int64_t i = 0; i < S; i++) {
+        const float *xr = x + slot[i] / K * ldx, sc = scores[slot[i]];
+        for (int64_t d = 0; d < D; d++) rows[i * D + d] = xr[d] * sc;
+    }
+}
+
+/* y[t] = sum over k (in order) of the expert-major row that holds slot t*K+k. */
+void scatter_sum(const float *rows, const int64_t *slot, int64_t T, int64_t K, int64_t D, float *y) {
+    int64_t *where = malloc(sizeof(int64_t) * (T * K > 0 ? T * K : 1));
+    for (int64_t i = 0; i < T * K; i++) where[slot[i]] = i;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < K; k++) {
+            const float *r = rows + where[t * K + k] * D;
+            float *yt = y + t * D;
+            if (k == 0)
+                for (int64_t d = 0; d < D; d++) yt[d] = r[d];
+            else
+                for (int64_t d = 0; d < D; d++) yt[d] += r[d];
+        }
+    free(where);
+}
