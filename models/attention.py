@@ -49,14 +49,16 @@ class Attention(nn.Module):
         self.o_proj = Linear(H * Dh, D, bias=cfg.attention_bias)
         self.register_buffer("qkv_packed", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
+        self._qkv: tuple | None = None  # (qkv_packed, qkv_bias) in the instance dict: see RMSNorm
 
     def pack_for_cpu(self, activation_dtype: torch.dtype) -> None:
         """q, k and v packed as one weight: one pass over x, then RoPE / q/k norm in place on its output."""
         self.qkv_packed, self.qkv_bias = pack_fused(activation_dtype, self.q_proj, self.k_proj, self.v_proj)
+        self._qkv = None if self.qkv_packed is None else (self.qkv_packed, self.qkv_bias)
 
     def forward(self, x_TD: torch.Tensor, pos_T: torch.Tensor, rope_TF: tuple[torch.Tensor, torch.Tensor],
                 backend: AttentionBackend) -> torch.Tensor:
-        if self.qkv_packed is not None:
+        if self._qkv is not None:
             return self._forward_fused(x_TD, pos_T, rope_TF, backend)
         Dh = self.cfg.head_dim
         q_THDh = self.q_proj(x_TD).unflatten(-1, (-1, Dh))
@@ -76,7 +78,7 @@ class Attention(nn.Module):
         """The same steps on CPU kernels: one q|k|v product, RoPE + q/k norm + temperature in one in-place pass."""
         cfg = self.cfg
         H, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qkv_TN = cpu_kernels.packed_linear(x_TD, self.qkv_packed, (H + 2 * Hkv) * Dh, self.qkv_bias)
+        qkv_TN = cpu_kernels.packed_linear(x_TD, self._qkv[0], (H + 2 * Hkv) * Dh, self._qkv[1])
         scale_T = temperature_scale(pos_T, cfg.floor_scale, cfg.attn_scale) if self.temperature_tuning else None
         cpu_kernels.rope_qk(qkv_TN, H, Hkv, Dh, rope_TF if self.use_rope else None, self.use_qk_norm,
                             cfg.rms_norm_eps, scale_T)

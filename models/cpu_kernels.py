@@ -101,8 +101,12 @@ def can_pack(weight: torch.Tensor, activation_dtype: torch.dtype) -> bool:
 
 def fused_ok(*tensors: torch.Tensor | None) -> bool:
     """Whether the fused CPU operations apply: the kernels are here and every given tensor is fp32 on CPU."""
-    return library() is not None and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32)
-                                          for t in tensors)
+    if library() is None:
+        return False
+    for t in tensors:  # a plain loop: this runs several times per layer, a generator costs more than the test
+        if t is not None and (t.dtype != torch.float32 or not t.is_cpu):
+            return False
+    return True
 
 
 def pack(w_NK: torch.Tensor) -> torch.Tensor:
@@ -121,18 +125,18 @@ def unpack(packed: torch.Tensor, N: int) -> torch.Tensor:
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, N: int, bias_N: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W given packed; x fp32 [..., K]."""
-    K = x.shape[-1]
-    x_MK = x.reshape(-1, K)
+    flat = x.dim() == 2  # the common case, kept free of reshapes: this wrapper runs ~40 times per step
+    x_MK = x if flat else x.reshape(-1, x.shape[-1])
     if not x_MK.is_contiguous():
         x_MK = x_MK.contiguous()
-    M = x_MK.shape[0]
-    y_MN = torch.empty(M, N, dtype=torch.float32)
+    M, K = x_MK.shape
+    y_MN = torch.empty(M, N)
     if M:
         _lib.packed_linear(x_MK.data_ptr(), M, K, packed.data_ptr(), packed.dtype == torch.bfloat16, N,
                            y_MN.data_ptr(), torch.get_num_threads())
     if bias_N is not None:
         y_MN += bias_N
-    return y_MN.view(*x.shape[:-1], N)
+    return y_MN if flat else y_MN.view(*x.shape[:-1], N)
 
 
 def grouped_packed_linear(x_SK: torch.Tensor, counts_E: Sequence[int], packed_E: torch.Tensor, N: int,
@@ -165,18 +169,20 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = x + residual (x itself when residual is None), y = (h * rsqrt(mean(h^2) + eps)) * weight."""
-    x_MD = _rows(x)
+    flat = x.dim() == 2
+    x_MD = x if flat and x.stride(-1) == 1 else _rows(x)
     M, D = x_MD.shape
-    y_MD = torch.empty(M, D, dtype=torch.float32)
+    y_MD = torch.empty(M, D)
     h_MD, d_MD = x_MD, None
     if residual is not None:
-        d_MD = _rows(residual)
-        h_MD = torch.empty(M, D, dtype=torch.float32)
-    w = None if weight is None else weight.contiguous()
+        d_MD = residual if flat and residual.stride(-1) == 1 else _rows(residual)
+        h_MD = torch.empty(M, D)
     _lib.rms_norm(x_MD.data_ptr(), x_MD.stride(0), None if d_MD is None else d_MD.data_ptr(),
-                  0 if d_MD is None else d_MD.stride(0), h_MD.data_ptr(), M, D, None if w is None else w.data_ptr(),
-                  eps, y_MD.data_ptr(), D, torch.get_num_threads())
-    return h_MD.view(x.shape) if residual is not None else x, y_MD.view(x.shape)
+                  0 if d_MD is None else d_MD.stride(0), h_MD.data_ptr(), M, D,
+                  None if weight is None else weight.data_ptr(), eps, y_MD.data_ptr(), D, torch.get_num_threads())
+    if not flat:
+        h_MD, y_MD = (h_MD.view(x.shape) if residual is not None else x), y_MD.view(x.shape)
+    return (h_MD if residual is not None else x), y_MD
 
 
 def rope_qk(qkv_TN: torch.Tensor, H: int, Hkv: int, Dh: int, rope_TF: tuple[torch.Tensor, torch.Tensor] | None,

@@ -20,17 +20,27 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # Hot-path tensors live in the instance dict once bound: a parameter lookup through nn.Module.__getattr__
+        # costs ~2 us, and a decode step makes hundreds of them.
+        self._kernel_weight: torch.Tensor | None = None
+
+    def pack_for_cpu(self, activation_dtype: torch.dtype) -> None:
+        """Bind the (loaded) weight for the fused CPU kernel when the arithmetic is fp32."""
+        ok = activation_dtype == torch.float32 and cpu_kernels.fused_ok(self.weight)
+        self._kernel_weight = self.weight.detach() if ok else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.fused_ok(x, self.weight):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)[1]
+        w = self._kernel_weight
+        if w is not None and cpu_kernels.fused_ok(x):
+            return cpu_kernels.rms_norm(x, w, self.eps)[1]
         # Normalise in fp32, cast back, then scale: the order transformers uses, which matters in bf16.
         return l2_norm(x, self.eps) * self.weight
 
     def add_forward(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h + delta, norm(h + delta)): the residual add and the next norm, in one pass on CPU."""
-        if cpu_kernels.fused_ok(h, delta, self.weight):
-            return cpu_kernels.rms_norm(h, self.weight, self.eps, residual=delta)
+        w = self._kernel_weight
+        if w is not None and cpu_kernels.fused_ok(h, delta):
+            return cpu_kernels.rms_norm(h, w, self.eps, residual=delta)
         h = h + delta
         return h, self(h)
 
@@ -48,15 +58,18 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **factory):
         super().__init__(in_features, out_features, bias, **factory)
         self.register_buffer("packed", None, persistent=False)
+        self._kernel_args: tuple | None = None  # (packed, N, bias) in the instance dict: see RMSNorm
 
     def pack_for_cpu(self, activation_dtype: torch.dtype) -> None:
         if self.weight is not None and cpu_kernels.can_pack(self.weight, activation_dtype):
             self.packed = cpu_kernels.pack(self.weight.detach())
             self.weight = None
+            self._kernel_args = (self.packed, self.out_features, None if self.bias is None else self.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return cpu_kernels.packed_linear(x, self.packed, self.out_features, self.bias)
+        args = self._kernel_args
+        if args is not None:
+            return cpu_kernels.packed_linear(x, *args)
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)  # weights may be narrower
         return F.linear(x, w, self.bias)
 
@@ -71,15 +84,16 @@ class SwiGLU(nn.Module):
         self.up_proj = Linear(hidden, ffn, bias=False)
         self.down_proj = Linear(ffn, hidden, bias=False)
         self.register_buffer("gate_up_packed", None, persistent=False)
+        self._gate_up: torch.Tensor | None = None  # gate_up_packed, in the instance dict: see RMSNorm
 
     def pack_for_cpu(self, activation_dtype: torch.dtype) -> None:
         """Gate and up packed as one [2F, D] weight: one pass over x, and the activation fused after it."""
-        self.gate_up_packed = pack_fused(activation_dtype, self.gate_proj, self.up_proj)[0]
+        self.gate_up_packed = self._gate_up = pack_fused(activation_dtype, self.gate_proj, self.up_proj)[0]
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_packed is not None:
-            gate_up_TF2 = cpu_kernels.packed_linear(x_TD, self.gate_up_packed, 2 * self.ffn)
-            return self.down_proj(cpu_kernels.silu_mul(gate_up_TF2))
+        gate_up = self._gate_up
+        if gate_up is not None:
+            return self.down_proj(cpu_kernels.silu_mul(cpu_kernels.packed_linear(x_TD, gate_up, 2 * self.ffn)))
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
 
 
