@@ -4,9 +4,9 @@ One flat slot store per K and V, shared by all layers: a physical block holds ``
 layer. Global (NoPE) layers keep every block of a sequence; chunked (RoPE) layers keep only the blocks of the
 current chunk (see ``router/kv_blocks.py``). Each step writes the new tokens' K/V into their slots, gathers each
 sequence's visible keys and runs SDPA: all single-token (decode) rows in one padded batch, each multi-token
-(prefill) chunk on its own. On CPU in fp32 the decode rows go to one kernel instead (``cpu_kernels.
-paged_decode_attention``) that writes their K/V and reads the visible keys in place through the block tables:
-no gather, no padding, no mask.
+(prefill) chunk on its own. On CPU in fp32 one kernel takes the decode rows instead (``cpu_kernels.
+paged_decode_attention``), and the prefill rows too when every prefill chunk of the step is short: it writes their
+K/V and each row reads its visible keys in place through the block tables: no gather, no padding, no mask.
 
 Shape legend: N slots (blocks x block size), T new tokens in the step, S decode sequences, L visible keys,
 K layers of one kind, H query heads, Hkv key/value heads, Dh head dim.
@@ -72,60 +72,71 @@ def _visible(blocks: KVBlockManager, c: ScheduledChunk, kind: str, bs: int, chun
 class StepAttention:
     """``AttentionBackend`` for one step over ``chunks`` (decodes must come first, in the flat token order)."""
 
+    # A prefill chunk goes to the kernel when its rows read few keys in all (each row reads its visible keys
+    # itself, where SDPA reads them once per chunk): tokens x visible keys at most this.
+    KERNEL_PREFILL_READS = 1 << 18
+
     def __init__(self, cache: PagedKVCache, blocks: KVBlockManager, chunks: list[ScheduledChunk],
                  device: torch.device | str = "cpu"):
         self.cache = cache
         bs, chunk = cache.block_size, cache.chunk_size
         self.num_decodes = S = sum(c.num_tokens == 1 for c in chunks)
         assert all(c.num_tokens == 1 for c in chunks[:S]), "decodes must come first"
-        # The kernel writes and reads the decode rows itself; otherwise every row is written here.
-        self.fused = S > 0 and torch.device(device).type == "cpu" and cpu_kernels.fused_ok(cache.k_NHDh)
-        written = chunks[S:] if self.fused else chunks
+        # On CPU in fp32 the kernel takes the decodes, and the prefill chunks too when all of them are short: it
+        # writes those rows' K/V and reads their keys in place. Everything else is written here and goes to SDPA.
+        fused = torch.device(device).type == "cpu" and cpu_kernels.fused_ok(cache.k_NHDh)
+        short = all(c.num_tokens * (c.end - _window_start(c.start, chunk)) <= self.KERNEL_PREFILL_READS
+                    for c in chunks[S:])
+        n_kernel = (len(chunks) if short else S) if fused else 0
+        self.kernel_rows = sum(c.num_tokens for c in chunks[:n_kernel])
+        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # kernel: see _kernel_tables
         self.write_slots: dict[str, torch.Tensor] = {}  # kind -> [K, rows written here]
         self.decode: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind -> (slots [K, S, L], mask [S,1,1,L])
-        self.decode_tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # fused: see _tables
         self.prefill: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # kind -> [(slots [K, L], mask [n, L])]
+        rest = chunks[n_kernel:]
         for kind, num_layers in cache.num_layers.items():
             if num_layers == 0:
                 continue
             kind_chunk = chunk if kind == CHUNKED else None
-            vis = [_visible(blocks, c, kind, bs, chunk) for c in (chunks[S:] if self.fused else chunks)]
-            if written:
-                self.write_slots[kind] = torch.cat([v.slots_KL[:, -c.num_tokens:] for v, c in
-                                                    zip(vis[-len(written):], written)], dim=1).to(device)
-            if self.fused:
-                self.decode_tables[kind] = _decode_tables(blocks, chunks[:S], kind, bs, kind_chunk)
-            elif S:
-                self.decode[kind] = _batch_decodes(vis[:S], chunks[:S], kind_chunk, device)
+            if n_kernel:
+                self.tables[kind] = _kernel_tables(blocks, chunks[:n_kernel], kind, bs, kind_chunk)
+            vis = [_visible(blocks, c, kind, bs, chunk) for c in rest]
+            if rest:
+                self.write_slots[kind] = torch.cat([v.slots_KL[:, -c.num_tokens:] for v, c in zip(vis, rest)],
+                                                   dim=1).to(device)
+            sdpa_decodes = S - min(S, n_kernel)
+            if sdpa_decodes:
+                self.decode[kind] = _batch_decodes(vis[:sdpa_decodes], rest[:sdpa_decodes], kind_chunk, device)
             self.prefill[kind] = [
                 (v.slots_KL.to(device),
                  attention_mask(torch.arange(c.start, c.end), v.k_pos_L, kind_chunk).to(device))
-                for v, c in zip(vis[-len(chunks[S:]):] if chunks[S:] else [], chunks[S:])]
+                for v, c in zip(vis[sdpa_decodes:], rest[sdpa_decodes:])]
 
     def attend(self, layer: int, chunk: int | None, pos_T: torch.Tensor, q_THDh: torch.Tensor,
                k_THDh: torch.Tensor, v_THDh: torch.Tensor) -> torch.Tensor:
         kind, idx = self.cache.layer_kind[layer]
         k_NHDh, v_NHDh = self.cache.k_NHDh, self.cache.v_NHDh
-        S, scale = self.num_decodes, q_THDh.shape[-1] ** -0.5
-        first_written = S if self.fused else 0
+        R, scale = self.kernel_rows, q_THDh.shape[-1] ** -0.5
         if kind in self.write_slots:
             slots_T = self.write_slots[kind][idx]
-            k_NHDh[slots_T] = k_THDh[first_written:].to(k_NHDh.dtype)  # write first: every query sees its own key
-            v_NHDh[slots_T] = v_THDh[first_written:].to(v_NHDh.dtype)
+            k_NHDh[slots_T] = k_THDh[R:].to(k_NHDh.dtype)  # write first: every query sees its own key
+            v_NHDh[slots_T] = v_THDh[R:].to(v_NHDh.dtype)
         outs = []
-        if self.fused:
-            blocks_KSB, first_S, len_S = self.decode_tables[kind]
-            outs.append(cpu_kernels.paged_decode_attention(q_THDh[:S], k_THDh[:S], v_THDh[:S], k_NHDh, v_NHDh,
-                                                           blocks_KSB[idx], first_S, len_S, self.cache.block_size,
+        if R:
+            blocks_KRB, first_R, len_R = self.tables[kind]
+            outs.append(cpu_kernels.paged_decode_attention(q_THDh[:R], k_THDh[:R], v_THDh[:R], k_NHDh, v_NHDh,
+                                                           blocks_KRB[idx], first_R, len_R, self.cache.block_size,
                                                            scale))
-        elif S:
+        row = R
+        if kind in self.decode:
             slots_KSL, mask_S11L = self.decode[kind]
+            S = mask_S11L.shape[0]
             keys = k_NHDh[slots_KSL[idx]].transpose(1, 2)  # [S, L, Hkv, Dh] -> [S, Hkv, L, Dh]
             values = v_NHDh[slots_KSL[idx]].transpose(1, 2)
-            q_SH1Dh = q_THDh[:S, :, None, :]
+            q_SH1Dh = q_THDh[row:row + S, :, None, :]
             outs.append(F.scaled_dot_product_attention(q_SH1Dh, keys, values, attn_mask=mask_S11L, scale=scale,
                                                        enable_gqa=True)[:, :, 0, :])
-        row = S
+            row += S
         for slots_KL, mask_nL in self.prefill[kind]:
             n = mask_nL.shape[0]
             keys, values = k_NHDh[slots_KL[idx]].transpose(0, 1), v_NHDh[slots_KL[idx]].transpose(0, 1)
@@ -137,22 +148,35 @@ class StepAttention:
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def _decode_tables(blocks: KVBlockManager, chunks: list[ScheduledChunk], kind: str, bs: int,
+def _window_start(pos: int, chunk: int | None) -> int:
+    """First position a query at ``pos`` sees: its attention chunk's start (0 for global layers)."""
+    return 0 if chunk is None else (pos // chunk) * chunk
+
+
+def _kernel_tables(blocks: KVBlockManager, chunks: list[ScheduledChunk], kind: str, bs: int,
                    chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the decode kernel reads for single-token ``chunks``: the in-window blocks of each sequence per layer
-    [K, S, B] (zero-padded), and the offset of the first visible key in them [S] and how many are visible [S]."""
-    rows, first_S, len_S = [], [], []
+    """What the attention kernel reads for every token of ``chunks``, one row per token: the blocks of its chunk's
+    window per layer [K, R, B] (zero-padded), the offset of its first visible key in them [R] and how many keys
+    it sees [R] (its own included: a prefill row sees the chunk's earlier rows, not the later ones)."""
+    padded, lo_C, n_C = [], [], []
     for c in chunks:
         tables = blocks.global_tables(c.seq.request_id) if kind == GLOBAL else blocks.chunked_tables(c.seq.request_id)
-        first = 0 if chunk is None else (c.start // chunk) * chunk  # chunked: keys of the query's own chunk
-        lo, hi = first // bs, c.start // bs
-        rows.append([t[lo:hi + 1] for t in tables])  # in-window: never None
-        first_S.append(first - lo * bs)
-        len_S.append(c.start - first + 1)
-    width = max(len(r[0]) for r in rows)
-    padded = [[t + [0] * (width - len(t)) for t in r] for r in rows]
-    blocks_KSB = torch.tensor(padded, dtype=torch.long).transpose(0, 1).contiguous()
-    return blocks_KSB, torch.tensor(first_S, dtype=torch.long), torch.tensor(len_S, dtype=torch.long)
+        lo, hi = _window_start(c.start, chunk) // bs, (c.end - 1) // bs
+        padded.append([t[lo:hi + 1] for t in tables])  # in-window: never None
+        lo_C.append(lo)
+        n_C.append(c.num_tokens)
+    width = max(len(t[0]) for t in padded)
+    blocks_CKB = torch.tensor([[t + [0] * (width - len(t)) for t in ts] for ts in padded], dtype=torch.long)
+    if all(n == 1 for n in n_C):  # decodes only: one row per chunk
+        pos_R = torch.tensor([c.start for c in chunks], dtype=torch.long)
+        lo_R, blocks_RKB = torch.tensor(lo_C, dtype=torch.long), blocks_CKB
+    else:
+        counts_C = torch.tensor(n_C)
+        pos_R = torch.cat([torch.arange(c.start, c.end) for c in chunks])
+        lo_R = torch.repeat_interleave(torch.tensor(lo_C, dtype=torch.long), counts_C)
+        blocks_RKB = torch.repeat_interleave(blocks_CKB, counts_C, dim=0)
+    window_R = torch.zeros_like(pos_R) if chunk is None else torch.div(pos_R, chunk, rounding_mode="floor") * chunk
+    return blocks_RKB.transpose(0, 1).contiguous(), window_R - lo_R * bs, pos_R - window_R + 1
 
 
 def _batch_decodes(vis: list[_Visible], chunks: list[ScheduledChunk], chunk: int | None,

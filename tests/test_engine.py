@@ -9,6 +9,7 @@ import torch
 from models.generate import greedy_generate
 from router.async_engine import AsyncEngine
 from router.engine import Engine, EngineConfig
+from router.paged_attention import StepAttention
 from router.request import GenerationRequest, InvalidRequestError, OverloadedError
 from router.sampling import SamplingParams
 
@@ -46,7 +47,11 @@ def _alone(model, prompt, n):
     return greedy_generate(model, torch.tensor([prompt]), n)[0].tolist()
 
 
-def test_mixed_batch_with_late_joins_and_preemption_matches_running_alone(model, tokenizer):
+@pytest.mark.parametrize("prefill_reads", [StepAttention.KERNEL_PREFILL_READS, 0])
+def test_mixed_batch_with_late_joins_and_preemption_matches_running_alone(model, tokenizer, prefill_reads,
+                                                                           monkeypatch):
+    # 0: prefill chunks go to SDPA over gathered keys while the decodes stay with the CPU kernel
+    monkeypatch.setattr(StepAttention, "KERNEL_PREFILL_READS", prefill_reads)
     prompts = _prompts(7, [5, 40, 17, 61, 3, 33, 9])
     reqs = [GenerationRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
     # 60 blocks: not enough for everyone at once, so the newest get preempted and recomputed.
