@@ -81,6 +81,10 @@ class _Seq:
     num_tokens: int = 0
     global_tables: list[list[int]] = field(default_factory=list)
     chunked_tables: list[list[int | None]] = field(default_factory=list)
+    # Bookkeeping that keeps every step O(new blocks), not O(context): chunked logical blocks below ``released``
+    # have been handed back; no chunked entry at or above ``nones_below`` is None.
+    released: int = 0
+    nones_below: int = 0
 
     @property
     def num_logical(self) -> int:
@@ -138,6 +142,12 @@ class KVBlockManager:
         """Block tables of the chunked layers; ``None`` marks blocks outside the window."""
         return [list(t) for t in self._seqs[seq_id].chunked_tables]
 
+    def table_slices(self, seq_id: Hashable, chunked: bool, lo: int, hi: int) -> list[list[int | None]]:
+        """Logical blocks ``lo .. hi-1`` of every layer of one kind: what a step reads, without copying whole
+        tables (a long context has thousands of entries per layer)."""
+        seq = self._seqs[seq_id]
+        return [t[lo:hi] for t in (seq.chunked_tables if chunked else seq.global_tables)]
+
     def num_tokens(self, seq_id: Hashable) -> int:
         """Number of positions ``[0, n)`` the sequence's tables cover."""
         return self._seqs[seq_id].num_tokens
@@ -179,10 +189,10 @@ class KVBlockManager:
         have = seq.num_logical if seq else 0
         want = max(have, _ceil_div(new_len, self.block_size))
         start, end = self._window_start(keep_from), (new_len - 1) // self.block_size
-        if seq and self.n_chunked:
+        if seq and self.n_chunked and start < seq.nones_below:
             table = seq.chunked_tables[0]
             # A released block's K/V is gone; re-allocating it would attend to garbage.
-            lost = [i for i in range(start, min(end + 1, have)) if table[i] is None]
+            lost = [i for i in range(start, min(end + 1, have, seq.nones_below)) if table[i] is None]
             if lost:
                 raise ValueError(f"seq {seq_id!r}: keep_from={keep_from} needs logical "
                                  f"blocks {lost[0]}..{lost[-1]} already released")
@@ -224,6 +234,8 @@ class KVBlockManager:
             for i in range(have, have + new_logical):
                 if i in fresh:
                     table[i] = self._free.pop()
+                else:
+                    seq.nones_below = max(seq.nones_below, i + 1)
         seq.num_tokens = max(seq.num_tokens, new_len)
 
     def release_outside_window(self, seq_id: Hashable, keep_from: int) -> int:
@@ -237,11 +249,14 @@ class KVBlockManager:
         start = self._window_start(keep_from)
         freed = 0
         for table in seq.chunked_tables:
-            for i in range(min(start, len(table))):
+            for i in range(seq.released, min(start, len(table))):  # below ``released``: handed back already
                 if table[i] is not None:
                     self._free.append(table[i])
                     table[i] = None
                     freed += 1
+        if seq.chunked_tables:
+            seq.released = max(seq.released, min(start, len(seq.chunked_tables[0])))
+            seq.nones_below = max(seq.nones_below, seq.released)
         return freed
 
     def free(self, seq_id: Hashable) -> int:

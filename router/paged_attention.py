@@ -59,11 +59,10 @@ class _Visible:
 
 
 def _visible(blocks: KVBlockManager, c: ScheduledChunk, kind: str, bs: int, chunk: int | None) -> _Visible:
-    seq_id = c.seq.request_id
-    tables = blocks.global_tables(seq_id) if kind == GLOBAL else blocks.chunked_tables(seq_id)
     first = 0 if kind == GLOBAL or chunk is None else (c.start // chunk) * chunk  # chunked: the chunk's start
     lo, hi = first // bs, (c.end - 1) // bs
-    blocks_KB = torch.tensor([t[lo:hi + 1] for t in tables], dtype=torch.long)  # in-window: never None
+    in_window = blocks.table_slices(c.seq.request_id, kind == CHUNKED, lo, hi + 1)  # never None
+    blocks_KB = torch.tensor(in_window, dtype=torch.long)
     slots_KL = (blocks_KB[:, :, None] * bs + torch.arange(bs)).flatten(1)  # positions lo*bs ... (hi+1)*bs-1
     slots_KL = slots_KL[:, first - lo * bs:c.end - lo * bs]
     return _Visible(slots_KL, torch.arange(first, c.end))
@@ -160,9 +159,8 @@ def _kernel_tables(blocks: KVBlockManager, chunks: list[ScheduledChunk], kind: s
     it sees [R] (its own included: a prefill row sees the chunk's earlier rows, not the later ones)."""
     padded, lo_C, n_C = [], [], []
     for c in chunks:
-        tables = blocks.global_tables(c.seq.request_id) if kind == GLOBAL else blocks.chunked_tables(c.seq.request_id)
         lo, hi = _window_start(c.start, chunk) // bs, (c.end - 1) // bs
-        padded.append([t[lo:hi + 1] for t in tables])  # in-window: never None
+        padded.append(blocks.table_slices(c.seq.request_id, kind == CHUNKED, lo, hi + 1))  # in-window: never None
         lo_C.append(lo)
         n_C.append(c.num_tokens)
     width = max(len(t[0]) for t in padded)
