@@ -250,3 +250,20 @@ def test_argument_validation():
         mgr.ensure("s", 5, keep_from=5)
     with pytest.raises(KeyError):
         mgr.global_tables("missing")
+
+
+def test_table_slices_and_released_window_are_guarded():
+    bs, chunk = 4, 8
+    mgr = KVBlockManager(64, bs, num_global_layers=1, num_chunked_layers=2, chunk_size=chunk)
+    mgr.ensure("s", 6, 0)
+    for n in range(6, 21):  # decode to 21 tokens: chunked layers release the chunks left behind
+        mgr.ensure("s", n + 1, n)
+        mgr.release_outside_window("s", n + 1)
+    for chunked, full in ((False, mgr.global_tables("s")), (True, mgr.chunked_tables("s"))):
+        assert mgr.table_slices("s", chunked, 2, 5) == [t[2:5] for t in full]
+    assert mgr.chunked_tables("s")[0][:4] == [None] * 4  # positions 0..15: two chunks ago and one chunk ago
+    assert mgr.release_outside_window("s", 21) == 0  # nothing left to hand back, nothing handed back twice
+    with pytest.raises(ValueError, match="already released"):
+        mgr.ensure("s", 22, 3)  # a query at position 3 would need keys whose blocks are gone
+    mgr.ensure("s", 22, 21)  # the current window is fine
+    assert_consistent(mgr, ["s"])
