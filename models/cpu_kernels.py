@@ -74,7 +74,7 @@ def _build() -> ctypes.CDLL | None:
     lib.rope_qk.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, f32, ptr, ctypes.c_int]
     lib.silu_mul.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     lib.paged_decode_attention.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64,
-                                           i64, i64, f32, ptr, ctypes.c_int]
+                                           i64, i64, f32, ptr, ptr, i64, ctypes.c_int]
     lib.topk_sigmoid.argtypes = [ptr, i64, i64, i64, ptr, ptr]
     lib.route_sort.argtypes = [ptr, i64, i64, ptr, ptr]
     lib.gather_scaled.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, ptr]
@@ -218,11 +218,17 @@ def paged_decode_attention(q_SHDh: torch.Tensor, k_SHDh: torch.Tensor, v_SHDh: t
     q, k, v = (t.flatten(1) for t in (q_SHDh, k_SHDh, v_SHDh))
     assert all(t.stride(1) == 1 for t in (q, k, v)) and k.stride(0) == v.stride(0)
     assert blocks_SB.dtype == first_S.dtype == len_S.dtype == torch.int64 and blocks_SB.is_contiguous()
+    if Dh % 8:
+        raise ValueError(f"the attention kernel needs a head dim that is a multiple of 8, got {Dh}")
     out = torch.empty(S, H, Dh, dtype=torch.float32)
+    # Scores live in a buffer torch allocates (a clear error if memory is short, no allocation inside the kernel).
+    Hp, threads = -(-H // 8) * 8, torch.get_num_threads()
+    per_thread = -(-(Hp * max(int(len_S.max()), 1) + Hp + Hp * Dh) // 8) * 8
+    scratch = torch.empty(threads * per_thread, dtype=torch.float32)
     _lib.paged_decode_attention(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(),
                                 v_cache.data_ptr(), blocks_SB.data_ptr(), blocks_SB.shape[1], first_S.data_ptr(),
-                                len_S.data_ptr(), S, H, Hkv, Dh, block_size, scale, out.data_ptr(),
-                                torch.get_num_threads())
+                                len_S.data_ptr(), S, H, Hkv, Dh, block_size, scale, out.data_ptr(), scratch.data_ptr(),
+                                per_thread, threads)
     return out
 
 

@@ -83,7 +83,8 @@ class StepAttention:
         assert all(c.num_tokens == 1 for c in chunks[:S]), "decodes must come first"
         # On CPU in fp32 the kernel takes the decodes, and the prefill chunks too when all of them are short: it
         # writes those rows' K/V and reads their keys in place. Everything else is written here and goes to SDPA.
-        fused = torch.device(device).type == "cpu" and cpu_kernels.fused_ok(cache.k_NHDh)
+        fused = (torch.device(device).type == "cpu" and cpu_kernels.fused_ok(cache.k_NHDh)
+                 and cache.k_NHDh.shape[-1] % 8 == 0)  # the kernel's head dim
         short = all(c.num_tokens * (c.end - _window_start(c.start, chunk)) <= self.KERNEL_PREFILL_READS
                     for c in chunks[S:])
         n_kernel = (len(chunks) if short else S) if fused else 0

@@ -8,6 +8,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -141,11 +142,11 @@ static inline __m256 hsum8(const __m256 a[8]) {
  *
  * One task per sequence, so each cached key/value row (all kv heads, contiguous) is read once, in block order:
  * the row is what memory delivers, and 8 query heads are scored against it with independent FMA chains.
- * Needs Dh % 8 == 0. */
+ * Needs Dh % 8 == 0. ``scratch`` holds nthreads x per_thread floats, per_thread >= Hp * max(len) + Hp + Hp * Dh. */
 void paged_decode_attention(const float *q, int64_t ldq, const float *k_new, const float *v_new, int64_t ldkv,
                             float *k_cache, float *v_cache, const int64_t *blocks, int64_t max_blocks,
                             const int64_t *first, const int64_t *len, int64_t S, int64_t H, int64_t Hkv, int64_t Dh,
-                            int64_t bs, float scale, float *out, int nthreads) {
+                            int64_t bs, float scale, float *out, float *scratch, int64_t per_thread, int nthreads) {
     const int64_t G = H / Hkv, row = Hkv * Dh, Hp = (H + 7) / 8 * 8; /* scores [L][Hp], heads padded to 8 */
     if (k_new)
         for (int64_t s = 0; s < S; s++) {
@@ -157,7 +158,9 @@ void paged_decode_attention(const float *q, int64_t ldq, const float *k_new, con
     for (int64_t s = 0; s < S; s++) longest = len[s] > longest ? len[s] : longest, keys += len[s];
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && S > 1 && keys * H * Dh >= 65536)
     {
-        float *p = aligned_alloc(32, sizeof(float) * (Hp * longest + Hp + Hp * Dh));
+        /* per thread: scores [longest][Hp], 1/sum [Hp], padded q [Hp][Dh]; 32-byte aligned (the caller's buffer
+         * is, and per_thread is a multiple of 8 floats) */
+        float *p = scratch + omp_get_thread_num() * per_thread;
         float *inv = p + Hp * longest, *qpad = inv + Hp;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t s = 0; s < S; s++) {
@@ -216,7 +219,6 @@ void paged_decode_attention(const float *q, int64_t ldq, const float *k_new, con
                 }
             }
         }
-        free(p);
     }
 }
 
