@@ -1,6 +1,6 @@
 """CPU kernels, compiled on first use: matrix products over packed weights (``models/csrc/packed_matmul.c``) and
 the small fused operations of a forward step (``models/csrc/decode_ops.c``: RMS norm with the residual add, RoPE
-with the q/k norm, SwiGLU's activation, decode attention over the paged KV cache).
+with the q/k norm, SwiGLU's activation, MoE routing, attention over the paged KV cache).
 
 A decode step multiplies a few rows by every weight once, so it is bound by how fast weights stream from memory;
 prefill is bound by FMA throughput. The BLAS in the torch wheel is far from both on this kind of CPU (see

@@ -79,14 +79,13 @@ class StepAttention:
                  device: torch.device | str = "cpu"):
         self.cache = cache
         bs, chunk = cache.block_size, cache.chunk_size
-        self.num_decodes = S = sum(c.num_tokens == 1 for c in chunks)
+        S = sum(c.num_tokens == 1 for c in chunks)
         assert all(c.num_tokens == 1 for c in chunks[:S]), "decodes must come first"
         # On CPU in fp32 the kernel takes the decodes, and the prefill chunks too when all of them are short: it
         # writes those rows' K/V and reads their keys in place. Everything else is written here and goes to SDPA.
         fused = (torch.device(device).type == "cpu" and cpu_kernels.fused_ok(cache.k_NHDh)
                  and cache.k_NHDh.shape[-1] % 8 == 0)  # the kernel's head dim
-        short = all(c.num_tokens * (c.end - _window_start(c.start, chunk)) <= self.KERNEL_PREFILL_READS
-                    for c in chunks[S:])
+        short = all(c.num_tokens * c.end <= self.KERNEL_PREFILL_READS for c in chunks[S:])  # global layers: all keys
         n_kernel = (len(chunks) if short else S) if fused else 0
         self.kernel_rows = sum(c.num_tokens for c in chunks[:n_kernel])
         self.tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # kernel: see _kernel_tables
