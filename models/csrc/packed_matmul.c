@@ -76,7 +76,9 @@ void grouped_packed_linear(const float *x, int64_t K, const int64_t *offs, int64
     }
     const int parallel = nthreads > 1 && rows * N * K >= 65536; /* below that a second thread costs more */
     for (int64_t c0 = 0; c0 < max_rows; c0 += MC) { /* outer row chunks: only prefill has more than one */
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (parallel)
+/* dynamic: experts' tasks differ in rows, and one thread may stream slower than the other; which thread computes
+ * a block never changes its numbers (one FMA chain per output) */
+#pragma omp parallel for schedule(dynamic, 2) num_threads(nthreads) if (parallel)
         for (int64_t t = 0; t < n_active * nblk; t++) {
             const int64_t e = active[t / nblk], b = t % nblk;
             const int64_t lo = offs[e] + c0, hi = offs[e + 1] < lo + MC ? offs[e + 1] : lo + MC;
