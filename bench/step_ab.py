@@ -5,7 +5,8 @@ benchmark runs minutes apart cannot tell a 5% change from the weather. Here both
 fresh process, ``--rounds`` times: round r runs A then B (odd rounds B then A), every run the same workload
 (B requests of ``--prompt-tokens`` seeded random tokens, prefilled, then ``--new-tokens`` greedy decode steps
 timed one by one through ``router.engine.Engine``). Per run the median step; per side the median of its runs;
-the ratio B/A of those (above 1: the working tree is faster) and how many rounds agree on the sign.
+the ratio B/A of those (above 1: the working tree is faster), the median of the per-round ratios (robust to a
+round that hiccups on one side) and how many rounds agree on the sign.
 
 The other side is ``git worktree add`` of ``--base`` in a temporary folder (removed at the end), run with this
 interpreter and its own kernel cache (so each side compiles its own C sources).
@@ -105,13 +106,14 @@ def main() -> None:
                     for b in medians["A"][-1]))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base_dir)], cwd=ROOT, check=False)
-    print("\n| batch | A median step ms | B median step ms | speed-up B/A | rounds B faster |")
-    print("|---|---|---|---|---|")
+    print("\n| batch | A median step ms | B median step ms | speed-up B/A | median per-round B/A | rounds B faster |")
+    print("|---|---|---|---|---|---|")
     for b in medians["A"][0]:
         a = statistics.median(m[b] for m in medians["A"])
         bb = statistics.median(m[b] for m in medians["B"])
+        paired = statistics.median(ma[b] / mb[b] for ma, mb in zip(medians["A"], medians["B"]))
         wins = sum(mb[b] < ma[b] for ma, mb in zip(medians["A"], medians["B"]))
-        print(f"| {b} | {a * 1e3:.2f} | {bb * 1e3:.2f} | {a / bb:.3f}x | {wins} of {args.rounds} |")
+        print(f"| {b} | {a * 1e3:.2f} | {bb * 1e3:.2f} | {a / bb:.3f}x | {paired:.3f}x | {wins} of {args.rounds} |")
 
 
 if __name__ == "__main__":

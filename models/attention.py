@@ -74,6 +74,24 @@ class Attention(nn.Module):
         out_THDh = backend.attend(self.layer_idx, self.chunk, pos_T, q_THDh, k_THDh, v_THDh)
         return self.o_proj(out_THDh.flatten(1))
 
+    def block(self, h_TD: torch.Tensor, norm_in, norm_post, pos_T: torch.Tensor,
+              rope_TF: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend):
+        """(h + self(norm_in(h)), norm_post of that) in one CPU kernel call when the weights are packed and the
+        backend's attention kernel takes every row of the step; None otherwise (the caller takes the long way)."""
+        kernel_tables = getattr(backend, "kernel_tables", None)
+        w_in, w_post, o_args = norm_in._kernel_weight, norm_post._kernel_weight, self.o_proj._kernel_args
+        if self._qkv is None or kernel_tables is None or w_in is None or w_post is None or o_args is None:
+            return None
+        tables = kernel_tables(self.layer_idx)
+        if tables is None or not cpu_kernels.fused_ok(h_TD):
+            return None
+        cfg = self.cfg
+        scale_T = temperature_scale(pos_T, cfg.floor_scale, cfg.attn_scale) if self.temperature_tuning else None
+        return cpu_kernels.attention_block(
+            h_TD, w_in, w_post, cfg.rms_norm_eps, self._qkv, o_args,
+            (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), rope_TF if self.use_rope else None,
+            self.use_qk_norm, scale_T, *tables, cfg.head_dim ** -0.5)
+
     def _forward_fused(self, x_TD, pos_T, rope_TF, backend: AttentionBackend) -> torch.Tensor:
         """The same steps on CPU kernels: one q|k|v product, RoPE + q/k norm + temperature in one in-place pass."""
         cfg = self.cfg

@@ -75,12 +75,15 @@ def _build() -> ctypes.CDLL | None:
     lib.silu_mul.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     lib.paged_decode_attention.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64,
                                            i64, i64, f32, ptr, ptr, i64, ctypes.c_int]
+    lib.attention_block.argtypes = [ptr, i64, i64, ptr, f32, ptr, ctypes.c_int, ptr, i64, i64, i64, ptr, ptr,
+                                    ctypes.c_int, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, f32, ptr, i64, ptr,
+                                    ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.topk_sigmoid.argtypes = [ptr, i64, i64, i64, ptr, ptr]
     lib.route_sort.argtypes = [ptr, i64, i64, ptr, ptr]
     lib.gather_scaled.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, ptr]
     lib.scatter_sum.argtypes = [ptr, ptr, i64, i64, i64, ptr]
     for fn in (lib.grouped_packed_linear, lib.packed_linear, lib.rms_norm, lib.rope_qk, lib.silu_mul,
-               lib.paged_decode_attention, lib.topk_sigmoid, lib.route_sort, lib.gather_scaled, lib.scatter_sum):
+               lib.paged_decode_attention, lib.attention_block, lib.topk_sigmoid, lib.route_sort, lib.gather_scaled, lib.scatter_sum):
         fn.restype = None
     return lib
 
@@ -221,15 +224,53 @@ def paged_decode_attention(q_SHDh: torch.Tensor, k_SHDh: torch.Tensor, v_SHDh: t
     if Dh % 8:
         raise ValueError(f"the attention kernel needs a head dim that is a multiple of 8, got {Dh}")
     out = torch.empty(S, H, Dh, dtype=torch.float32)
-    # Scores live in a buffer torch allocates (a clear error if memory is short, no allocation inside the kernel).
-    Hp, threads = -(-H // 8) * 8, torch.get_num_threads()
-    per_thread = -(-(Hp * max(int(len_S.max()), 1) + Hp + Hp * Dh) // 8) * 8
-    scratch = torch.empty(threads * per_thread, dtype=torch.float32)
+    scratch, per_thread, threads = _attention_scratch(H, Dh, int(len_S.max()))
     _lib.paged_decode_attention(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(),
                                 v_cache.data_ptr(), blocks_SB.data_ptr(), blocks_SB.shape[1], first_S.data_ptr(),
                                 len_S.data_ptr(), S, H, Hkv, Dh, block_size, scale, out.data_ptr(), scratch.data_ptr(),
                                 per_thread, threads)
     return out
+
+
+def _attention_scratch(H: int, Dh: int, longest: int) -> tuple[torch.Tensor, int, int]:
+    """(buffer, floats per thread, threads) for the attention kernel's scores: torch allocates it, so a shortage
+    of memory is a clear error, never an allocation failing inside the kernel."""
+    Hp, threads = -(-H // 8) * 8, torch.get_num_threads()
+    per_thread = -(-(Hp * max(longest, 1) + Hp + Hp * Dh) // 8) * 8
+    return torch.empty(threads * per_thread), per_thread, threads
+
+
+def attention_block(h_TD: torch.Tensor, w_in: torch.Tensor, w_post: torch.Tensor, eps: float,
+                    qkv: tuple[torch.Tensor, torch.Tensor | None], o: tuple[torch.Tensor, int, torch.Tensor | None],
+                    heads: tuple[int, int, int], rope_TF: tuple[torch.Tensor, torch.Tensor] | None, qk_norm: bool,
+                    q_scale_T: torch.Tensor | None, cache: tuple[torch.Tensor, torch.Tensor, int],
+                    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int], scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + attention(norm_in(h)), norm_post of that): a whole attention sub-layer in one call, for rows the
+    attention kernel takes. ``qkv`` = (packed q|k|v, bias), ``o`` = (packed o_proj, D, bias), ``heads`` = (H, Hkv,
+    Dh), ``cache`` = (K, V, block size), ``tables`` = (blocks [T, B], first [T], len [T], max len)."""
+    h_TD = h_TD.contiguous()
+    T, D = h_TD.shape
+    H, Hkv, Dh = heads
+    (qkv_w, qkv_b), (o_w, _, o_b) = qkv, o
+    k_cache, v_cache, bs = cache
+    blocks_TB, first_T, len_T, longest = tables
+    cos, sin = (None, None) if rope_TF is None else rope_TF
+    q_scale = None if q_scale_T is None else q_scale_T.float().contiguous()
+    work = torch.empty(T * (2 * D + (2 * H + 2 * Hkv) * Dh))
+    h_out, x_out = torch.empty(T, D), torch.empty(T, D)
+    scratch, per_thread, threads = _attention_scratch(H, Dh, longest)
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    _lib.attention_block(h_TD.data_ptr(), T, D, w_in.data_ptr(), eps, qkv_w.data_ptr(), qkv_w.dtype == torch.bfloat16,
+                         ptr(qkv_b), H, Hkv, Dh, ptr(cos), ptr(sin), int(qk_norm), ptr(q_scale), k_cache.data_ptr(),
+                         v_cache.data_ptr(), blocks_TB.data_ptr(), blocks_TB.shape[1], first_T.data_ptr(),
+                         len_T.data_ptr(), bs, scale, scratch.data_ptr(), per_thread, o_w.data_ptr(),
+                         o_w.dtype == torch.bfloat16, ptr(o_b), w_post.data_ptr(), work.data_ptr(), h_out.data_ptr(),
+                         x_out.data_ptr(), threads)
+    return h_out, x_out
 
 
 # ----------------------------------------------------------------------------- MoE routing (few tokens: no torch ops)

@@ -27,8 +27,13 @@ class DecoderLayer(nn.Module):
                              else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp))
 
     def forward(self, h_TD, pos_T, rope_TF, backend: AttentionBackend):
-        attn_TD = self.self_attn(self.input_layernorm(h_TD), pos_T, rope_TF, backend)
-        h_TD, x_TD = self.post_attention_layernorm.add_forward(h_TD, attn_TD)
+        fused = self.self_attn.block(h_TD, self.input_layernorm, self.post_attention_layernorm, pos_T, rope_TF,
+                                     backend)
+        if fused is not None:  # CPU kernels: the attention sub-layer in one call
+            h_TD, x_TD = fused
+        else:
+            attn_TD = self.self_attn(self.input_layernorm(h_TD), pos_T, rope_TF, backend)
+            h_TD, x_TD = self.post_attention_layernorm.add_forward(h_TD, attn_TD)
         return h_TD + self.feed_forward(x_TD)
 
 

@@ -93,12 +93,15 @@ class StepAttention:
         self.decode: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind -> (slots [K, S, L], mask [S,1,1,L])
         self.prefill: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # kind -> [(slots [K, L], mask [n, L])]
         rest = chunks[n_kernel:]
+        self.all_kernel = n_kernel > 0 and not rest
+        self.longest: dict[str, int] = {}  # kind -> most keys a row sees (sizes the kernel's score buffer)
         for kind, num_layers in cache.num_layers.items():
             if num_layers == 0:
                 continue
             kind_chunk = chunk if kind == CHUNKED else None
             if n_kernel:
                 self.tables[kind] = _kernel_tables(blocks, chunks[:n_kernel], kind, bs, kind_chunk)
+                self.longest[kind] = int(self.tables[kind][2].max())
             vis = [_visible(blocks, c, kind, bs, chunk) for c in rest]
             if rest:
                 self.write_slots[kind] = torch.cat([v.slots_KL[:, -c.num_tokens:] for v, c in zip(vis, rest)],
@@ -110,6 +113,18 @@ class StepAttention:
                 (v.slots_KL.to(device),
                  attention_mask(torch.arange(c.start, c.end), v.k_pos_L, kind_chunk).to(device))
                 for v, c in zip(vis[sdpa_decodes:], rest[sdpa_decodes:])]
+
+    def kernel_tables(self, layer: int) -> tuple[tuple[torch.Tensor, torch.Tensor, int],
+                                                 tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] | None:
+        """((K cache, V cache, block size), (blocks [T, B], first [T], len [T], max len)) of ``layer`` when the
+        kernel takes every row of this step (``cpu_kernels.attention_block`` can then run the sub-layer), else
+        None."""
+        if not self.all_kernel:
+            return None
+        kind, idx = self.cache.layer_kind[layer]
+        blocks_KRB, first_R, len_R = self.tables[kind]
+        return ((self.cache.k_NHDh, self.cache.v_NHDh, self.cache.block_size),
+                (blocks_KRB[idx], first_R, len_R, self.longest[kind]))
 
     def attend(self, layer: int, chunk: int | None, pos_T: torch.Tensor, q_THDh: torch.Tensor,
                k_THDh: torch.Tensor, v_THDh: torch.Tensor) -> torch.Tensor:

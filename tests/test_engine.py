@@ -1,6 +1,7 @@
 """The router engine against the foundation model: continuous batching, preemption, sampling, stops, limits."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -10,6 +11,7 @@ from models.generate import greedy_generate
 from router.async_engine import AsyncEngine
 from router.engine import Engine, EngineConfig
 from router.paged_attention import StepAttention
+from models.attention import Attention
 from router.request import GenerationRequest, InvalidRequestError, OverloadedError
 from router.sampling import SamplingParams
 
@@ -47,11 +49,15 @@ def _alone(model, prompt, n):
     return greedy_generate(model, torch.tensor([prompt]), n)[0].tolist()
 
 
-@pytest.mark.parametrize("prefill_reads", [StepAttention.KERNEL_PREFILL_READS, 0])
-def test_mixed_batch_with_late_joins_and_preemption_matches_running_alone(model, tokenizer, prefill_reads,
+@pytest.mark.parametrize("prefill_reads,one_call", [(StepAttention.KERNEL_PREFILL_READS, True), (0, True),
+                                                   (StepAttention.KERNEL_PREFILL_READS, False)])
+def test_mixed_batch_with_late_joins_and_preemption_matches_running_alone(model, tokenizer, prefill_reads, one_call,
                                                                            monkeypatch):
-    # 0: prefill chunks go to SDPA over gathered keys while the decodes stay with the CPU kernel
+    # prefill_reads 0: prefill chunks go to SDPA over gathered keys while the decodes stay with the CPU kernel;
+    # one_call False: the attention sub-layer as separate kernel calls instead of cpu_kernels.attention_block
     monkeypatch.setattr(StepAttention, "KERNEL_PREFILL_READS", prefill_reads)
+    if not one_call:
+        monkeypatch.setattr(Attention, "block", lambda *args, **kwargs: None)
     prompts = _prompts(7, [5, 40, 17, 61, 3, 33, 9])
     reqs = [GenerationRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
     # 60 blocks: not enough for everyone at once, so the newest get preempted and recomputed.
@@ -262,3 +268,30 @@ def test_async_stream_cancel_and_deadline(model, tokenizer):
             aengine.shutdown()
 
     asyncio.run(main())
+
+
+def test_attention_sub_layer_in_one_call_gives_the_logits_of_separate_calls(model, tokenizer, monkeypatch):
+    """cpu_kernels.attention_block against the same sub-layer as norm / q|k|v / RoPE / attention / o_proj calls,
+    on one step of decodes and short prefills (the same step run twice: its K/V writes are the same values)."""
+    from router.model_runner import decodes_first
+
+    engine = _engine(model, tokenizer)
+    prompts = _prompts(3, [5, 40, 17], seed=11)
+    _run(engine, [GenerationRequest(f"d{i}", p, dataclasses.replace(GREEDY, max_tokens=30))
+                  for i, p in enumerate(prompts[:2])], join_at={})
+    for i, p in enumerate(prompts):
+        engine.add_request(GenerationRequest(f"s{i}", p, GREEDY))
+    for _ in range(3):  # some decode, the rest prefill
+        engine.step()
+    engine.add_request(GenerationRequest("late", prompts[0], GREEDY))
+    chunks = decodes_first(engine.scheduler.schedule())
+    assert any(c.num_tokens == 1 for c in chunks) and any(c.num_tokens > 1 for c in chunks)
+    from models import cpu_kernels
+
+    calls = []
+    real = cpu_kernels.attention_block
+    monkeypatch.setattr(cpu_kernels, "attention_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    one_call = engine.runner.run(chunks)
+    assert len(calls) == model.cfg.num_hidden_layers  # every layer took the one-call path
+    monkeypatch.setattr(Attention, "block", lambda *args, **kwargs: None)
+    torch.testing.assert_close(engine.runner.run(chunks), one_call, rtol=1e-5, atol=1e-5)

@@ -274,3 +274,37 @@ void scatter_sum(const float *rows, const int64_t *slot, int64_t T, int64_t K, i
         }
     free(where);
 }
+
+void packed_linear(const float *x, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N, float *y,
+                   int nthreads);
+
+static void add_bias(float *y, int64_t M, int64_t N, const float *bias) {
+    if (bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
+}
+
+/* A whole attention sub-layer for T rows that the attention kernel takes (decodes, short prompts), one call
+ * instead of ten: x = norm_in(h); q|k|v = x W_qkv (+ bias); RoPE / q/k norm / temperature in place; attention over
+ * the paged cache (writing the new K/V); o = att W_o (+ bias); h_out = h + o; x_out = norm_post(h_out).
+ * work: T * (2 D + (2 H + 2 Hkv) Dh) floats. Each step is the function of the same name above, so the numbers are
+ * those of the one-call-per-step path. */
+void attention_block(const float *h, int64_t T, int64_t D, const float *w_in, float eps, const void *qkv_w,
+                     int qkv_bf16, const float *qkv_bias, int64_t H, int64_t Hkv, int64_t Dh, const float *cos_TF,
+                     const float *sin_TF, int qk_norm, const float *q_scale, float *k_cache, float *v_cache,
+                     const int64_t *blocks, int64_t max_blocks, const int64_t *first, const int64_t *len, int64_t bs,
+                     float attn_scale, float *att_scratch, int64_t per_thread, const void *o_w, int o_bf16,
+                     const float *o_bias, const float *w_post, float *work, float *h_out, float *x_out,
+                     int nthreads) {
+    const int64_t N = (H + 2 * Hkv) * Dh;
+    float *x1 = work, *qkv = x1 + T * D, *att = qkv + T * N, *o = att + T * H * Dh;
+    rms_norm(h, D, NULL, 0, NULL, T, D, w_in, eps, x1, D, nthreads);
+    packed_linear(x1, T, D, qkv_w, qkv_bf16, N, qkv, nthreads);
+    add_bias(qkv, T, N, qkv_bias);
+    rope_qk(qkv, N, T, H, Hkv, Dh, cos_TF, sin_TF, qk_norm, eps, q_scale, nthreads);
+    paged_decode_attention(qkv, N, qkv + H * Dh, qkv + (H + Hkv) * Dh, N, k_cache, v_cache, blocks, max_blocks, first,
+                           len, T, H, Hkv, Dh, bs, attn_scale, att, att_scratch, per_thread, nthreads);
+    packed_linear(att, T, H * Dh, o_w, o_bf16, D, o, nthreads);
+    add_bias(o, T, D, o_bias);
+    rms_norm(h, D, o, D, h_out, T, D, w_post, eps, x_out, D, nthreads);
+}
