@@ -78,14 +78,12 @@ def _build() -> ctypes.CDLL | None:
     lib.attention_block.argtypes = [ptr, i64, i64, ptr, f32, ptr, ctypes.c_int, ptr, i64, i64, i64, ptr, ptr,
                                     ctypes.c_int, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, f32, ptr, i64, ptr,
                                     ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
-    lib.swiglu_residual.argtypes = [ptr, ptr, i64, i64, i64, ptr, ctypes.c_int, ptr, ctypes.c_int, ptr, ptr,
-                                    ctypes.c_int]
     lib.topk_sigmoid.argtypes = [ptr, i64, i64, i64, ptr, ptr]
     lib.route_sort.argtypes = [ptr, i64, i64, ptr, ptr]
     lib.gather_scaled.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, ptr]
     lib.scatter_sum.argtypes = [ptr, ptr, i64, i64, i64, ptr]
     for fn in (lib.grouped_packed_linear, lib.packed_linear, lib.rms_norm, lib.rope_qk, lib.silu_mul,
-               lib.paged_decode_attention, lib.attention_block, lib.swiglu_residual, lib.topk_sigmoid, lib.route_sort, lib.gather_scaled, lib.scatter_sum):
+               lib.paged_decode_attention, lib.attention_block, lib.topk_sigmoid, lib.route_sort, lib.gather_scaled, lib.scatter_sum):
         fn.restype = None
     return lib
 
@@ -273,19 +271,6 @@ def attention_block(h_TD: torch.Tensor, w_in: torch.Tensor, w_post: torch.Tensor
                          o_w.dtype == torch.bfloat16, ptr(o_b), w_post.data_ptr(), work.data_ptr(), h_out.data_ptr(),
                          x_out.data_ptr(), threads)
     return h_out, x_out
-
-
-def swiglu_residual(x_TD: torch.Tensor, h_TD: torch.Tensor, gate_up: torch.Tensor, ffn: int,
-                    down: tuple[torch.Tensor, int, torch.Tensor | None]) -> torch.Tensor:
-    """h + down(silu(gate(x)) * up(x)) in one call; ``gate_up`` packed [2F, D], ``down`` = (packed, D, bias None)."""
-    x_TD, h_TD = x_TD.contiguous(), h_TD.contiguous()
-    T, D = x_TD.shape
-    down_w = down[0]
-    work, h_out = torch.empty(T * 3 * ffn), torch.empty(T, D)
-    _lib.swiglu_residual(x_TD.data_ptr(), h_TD.data_ptr(), T, D, ffn, gate_up.data_ptr(),
-                         gate_up.dtype == torch.bfloat16, down_w.data_ptr(), down_w.dtype == torch.bfloat16,
-                         work.data_ptr(), h_out.data_ptr(), torch.get_num_threads())
-    return h_out
 
 
 # ----------------------------------------------------------------------------- MoE routing (few tokens: no torch ops)

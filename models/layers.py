@@ -90,14 +90,6 @@ class SwiGLU(nn.Module):
         """Gate and up packed as one [2F, D] weight: one pass over x, and the activation fused after it."""
         self.gate_up_packed = self._gate_up = pack_fused(activation_dtype, self.gate_proj, self.up_proj)[0]
 
-    def residual(self, x_TD: torch.Tensor, h_TD: torch.Tensor) -> torch.Tensor:
-        """h + self(x): on CPU kernels one call for the whole sub-layer."""
-        down = self.down_proj._kernel_args
-        if self._gate_up is not None and down is not None and down[2] is None and cpu_kernels.fused_ok(x_TD, h_TD) \
-                and x_TD.dim() == 2:
-            return cpu_kernels.swiglu_residual(x_TD, h_TD, self._gate_up, self.ffn, down)
-        return h_TD + self(x_TD)
-
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         gate_up = self._gate_up
         if gate_up is not None:

@@ -34,8 +34,6 @@ class DecoderLayer(nn.Module):
         else:
             attn_TD = self.self_attn(self.input_layernorm(h_TD), pos_T, rope_TF, backend)
             h_TD, x_TD = self.post_attention_layernorm.add_forward(h_TD, attn_TD)
-        if not self.is_moe:
-            return self.feed_forward.residual(x_TD, h_TD)  # dense: one call on CPU kernels
         return h_TD + self.feed_forward(x_TD)
 
 

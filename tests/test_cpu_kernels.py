@@ -252,21 +252,3 @@ def test_routing_kernels_match_the_torch_reference(T, E, K):
     token_major[slot_S] = rows_SD
     torch.testing.assert_close(cpu_kernels.scatter_sum(rows_SD, slot_S, T, K), token_major.view(T, K, -1).sum(1),
                                rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("T", [1, 7, 40])
-def test_dense_swiglu_with_its_residual_in_one_call(T):
-    from models.layers import SwiGLU
-
-    g = torch.Generator().manual_seed(T)
-    ffn = SwiGLU(24, 40)
-    for lin in (ffn.gate_proj, ffn.up_proj, ffn.down_proj):
-        lin.weight.data.copy_(torch.randn(lin.weight.shape, generator=g))
-    x_TD, h_TD = torch.randn(T, 24, generator=g), torch.randn(T, 24, generator=g)
-    ref = h_TD + ffn(x_TD)  # torch, unpacked
-    ffn.pack_for_cpu(torch.float32)
-    ffn.down_proj.pack_for_cpu(torch.float32)
-    separate = h_TD + ffn(x_TD)  # the kernels, one call each
-    one_call = ffn.residual(x_TD, h_TD)
-    assert torch.equal(one_call, separate)  # the same kernels in the same order
-    torch.testing.assert_close(one_call, ref, rtol=1e-5, atol=1e-4)

@@ -308,14 +308,3 @@ void attention_block(const float *h, int64_t T, int64_t D, const float *w_in, fl
     add_bias(o, T, D, o_bias);
     rms_norm(h, D, o, D, h_out, T, D, w_post, eps, x_out, D, nthreads);
 }
-
-/* A dense SwiGLU sub-layer with its residual add, one call: h_out = h + (silu(x Wg) * (x Wu)) Wd, gate|up packed as
- * one weight. work: T * 3F floats. */
-void swiglu_residual(const float *x, const float *h, int64_t T, int64_t D, int64_t F, const void *gate_up_w,
-                     int gate_up_bf16, const void *down_w, int down_bf16, float *work, float *h_out, int nthreads) {
-    float *gu = work, *act = work + T * 2 * F;
-    packed_linear(x, T, D, gate_up_w, gate_up_bf16, 2 * F, gu, nthreads);
-    silu_mul(gu, T, F, act, nthreads);
-    packed_linear(act, T, F, down_w, down_bf16, D, h_out, nthreads);
-    for (int64_t i = 0; i < T * D; i++) h_out[i] += h[i];
-}
