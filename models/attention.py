@@ -86,20 +86,23 @@ class Attention(nn.Module):
         if tables is None or not cpu_kernels.fused_ok(h_TD):
             return None
         cfg = self.cfg
-        scale_T = temperature_scale(pos_T, cfg.floor_scale, cfg.attn_scale) if self.temperature_tuning else None
         return cpu_kernels.attention_block(
             h_TD, w_in, w_post, cfg.rms_norm_eps, self._qkv, o_args,
             (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), rope_TF if self.use_rope else None,
-            self.use_qk_norm, scale_T, *tables, cfg.head_dim ** -0.5)
+            self.use_qk_norm, self._q_scale(pos_T), *tables, cfg.head_dim ** -0.5)
+
+    def _q_scale(self, pos_T: torch.Tensor) -> torch.Tensor | None:
+        """The NoPE layers' query temperature [T] for the kernels; None on RoPE layers."""
+        cfg = self.cfg
+        return temperature_scale(pos_T, cfg.floor_scale, cfg.attn_scale) if self.temperature_tuning else None
 
     def _forward_fused(self, x_TD, pos_T, rope_TF, backend: AttentionBackend) -> torch.Tensor:
         """The same steps on CPU kernels: one q|k|v product, RoPE + q/k norm + temperature in one in-place pass."""
         cfg = self.cfg
         H, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv_TN = cpu_kernels.packed_linear(x_TD, self._qkv[0], (H + 2 * Hkv) * Dh, self._qkv[1])
-        scale_T = temperature_scale(pos_T, cfg.floor_scale, cfg.attn_scale) if self.temperature_tuning else None
         cpu_kernels.rope_qk(qkv_TN, H, Hkv, Dh, rope_TF if self.use_rope else None, self.use_qk_norm,
-                            cfg.rms_norm_eps, scale_T)
+                            cfg.rms_norm_eps, self._q_scale(pos_T))
         q_THDh = qkv_TN[:, :H * Dh].unflatten(-1, (H, Dh))
         k_THDh = qkv_TN[:, H * Dh:(H + Hkv) * Dh].unflatten(-1, (Hkv, Dh))
         v_THDh = qkv_TN[:, (H + Hkv) * Dh:].unflatten(-1, (Hkv, Dh))

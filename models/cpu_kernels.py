@@ -66,25 +66,25 @@ def _build() -> ctypes.CDLL | None:
             Path(tmp).unlink(missing_ok=True)
             return None
     lib = ctypes.CDLL(str(so))
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.grouped_packed_linear.argtypes = [ptr, i64, ptr, i64, ptr, ctypes.c_int, i64, ptr, ctypes.c_int]
-    lib.packed_linear.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, ptr, ctypes.c_int]
-    f32 = ctypes.c_float
-    lib.rms_norm.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, f32, ptr, i64, ctypes.c_int]
-    lib.rope_qk.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_int, f32, ptr, ctypes.c_int]
-    lib.silu_mul.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
-    lib.paged_decode_attention.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64,
-                                           i64, i64, f32, ptr, ptr, i64, ctypes.c_int]
-    lib.attention_block.argtypes = [ptr, i64, i64, ptr, f32, ptr, ctypes.c_int, ptr, i64, i64, i64, ptr, ptr,
-                                    ctypes.c_int, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, f32, ptr, i64, ptr,
-                                    ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
-    lib.topk_sigmoid.argtypes = [ptr, i64, i64, i64, ptr, ptr]
-    lib.route_sort.argtypes = [ptr, i64, i64, ptr, ptr]
-    lib.gather_scaled.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, ptr]
-    lib.scatter_sum.argtypes = [ptr, ptr, i64, i64, i64, ptr]
-    for fn in (lib.grouped_packed_linear, lib.packed_linear, lib.rms_norm, lib.rope_qk, lib.silu_mul,
-               lib.paged_decode_attention, lib.attention_block, lib.topk_sigmoid, lib.route_sort, lib.gather_scaled, lib.scatter_sum):
-        fn.restype = None
+    i64, f32, i32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+    signatures = {  # every kernel returns void; the last int is the thread count where there is one
+        "grouped_packed_linear": [ptr, i64, ptr, i64, ptr, i32, i64, ptr, i32],
+        "packed_linear": [ptr, i64, i64, ptr, i32, i64, ptr, i32],
+        "rms_norm": [ptr, i64, ptr, i64, ptr, i64, i64, ptr, f32, ptr, i64, i32],
+        "rope_qk": [ptr, i64, i64, i64, i64, i64, ptr, ptr, i32, f32, ptr, i32],
+        "silu_mul": [ptr, i64, i64, ptr, i32],
+        "paged_decode_attention": [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64,
+                                   f32, ptr, ptr, i64, i32],
+        "attention_block": [ptr, i64, i64, ptr, f32, ptr, i32, ptr, i64, i64, i64, ptr, ptr, i32, ptr, ptr, ptr, ptr,
+                            i64, ptr, ptr, i64, f32, ptr, i64, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32],
+        "topk_sigmoid": [ptr, i64, i64, i64, ptr, ptr],
+        "route_sort": [ptr, i64, i64, ptr, ptr],
+        "gather_scaled": [ptr, i64, ptr, ptr, i64, i64, i64, ptr],
+        "scatter_sum": [ptr, ptr, i64, i64, i64, ptr],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
     return lib
 
 
@@ -163,6 +163,11 @@ def grouped_packed_linear(x_SK: torch.Tensor, counts_E: Sequence[int], packed_E:
     return y_SN
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's address for an optional kernel argument (NULL for None)."""
+    return None if t is None else t.data_ptr()
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [M, last] with unit stride along the last dim (a view where possible)."""
     x_MD = x.reshape(-1, x.shape[-1])
@@ -180,9 +185,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     if residual is not None:
         d_MD = residual if flat and residual.stride(-1) == 1 else _rows(residual)
         h_MD = torch.empty(M, D)
-    _lib.rms_norm(x_MD.data_ptr(), x_MD.stride(0), None if d_MD is None else d_MD.data_ptr(),
-                  0 if d_MD is None else d_MD.stride(0), h_MD.data_ptr(), M, D,
-                  None if weight is None else weight.data_ptr(), eps, y_MD.data_ptr(), D, torch.get_num_threads())
+    _lib.rms_norm(x_MD.data_ptr(), x_MD.stride(0), _ptr(d_MD), 0 if d_MD is None else d_MD.stride(0),
+                  h_MD.data_ptr(), M, D, _ptr(weight), eps, y_MD.data_ptr(), D, torch.get_num_threads())
     if not flat:
         h_MD, y_MD = (h_MD.view(x.shape) if residual is not None else x), y_MD.view(x.shape)
     return (h_MD if residual is not None else x), y_MD
@@ -195,9 +199,8 @@ def rope_qk(qkv_TN: torch.Tensor, H: int, Hkv: int, Dh: int, rope_TF: tuple[torc
     assert qkv_TN.is_contiguous() and qkv_TN.shape[1] == (H + 2 * Hkv) * Dh
     cos, sin = (None, None) if rope_TF is None else (rope_TF[0].contiguous(), rope_TF[1].contiguous())
     scale = None if q_scale_T is None else q_scale_T.float().contiguous()
-    _lib.rope_qk(qkv_TN.data_ptr(), qkv_TN.shape[1], T, H, Hkv, Dh, None if cos is None else cos.data_ptr(),
-                 None if sin is None else sin.data_ptr(), int(qk_norm), eps, None if scale is None else scale.data_ptr(),
-                 torch.get_num_threads())
+    _lib.rope_qk(qkv_TN.data_ptr(), qkv_TN.shape[1], T, H, Hkv, Dh, _ptr(cos), _ptr(sin), int(qk_norm), eps,
+                 _ptr(scale), torch.get_num_threads())
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -211,11 +214,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def paged_decode_attention(q_SHDh: torch.Tensor, k_SHDh: torch.Tensor, v_SHDh: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, blocks_SB: torch.Tensor, first_S: torch.Tensor, len_S: torch.Tensor,
-                           block_size: int, scale: float) -> torch.Tensor:
+                           block_size: int, scale: float, longest: int | None = None) -> torch.Tensor:
     """One new token per sequence: write its k/v into the cache, attend over its visible keys: [S, H, Dh].
 
     Sequence s sees logical offsets ``first_S[s] .. first_S[s] + len_S[s] - 1`` of its block table ``blocks_SB[s]``
-    (int64); the new key goes to the last of them. q/k/v rows may be strided views of a fused projection."""
+    (int64); the new key goes to the last of them. q/k/v rows may be strided views of a fused projection.
+    ``longest`` is ``len_S.max()`` when the caller already knows it (it sizes the score buffer)."""
     S, H, Dh = q_SHDh.shape
     Hkv = k_SHDh.shape[1]
     q, k, v = (t.flatten(1) for t in (q_SHDh, k_SHDh, v_SHDh))
@@ -224,7 +228,7 @@ def paged_decode_attention(q_SHDh: torch.Tensor, k_SHDh: torch.Tensor, v_SHDh: t
     if Dh % 8:
         raise ValueError(f"the attention kernel needs a head dim that is a multiple of 8, got {Dh}")
     out = torch.empty(S, H, Dh, dtype=torch.float32)
-    scratch, per_thread, threads = _attention_scratch(H, Dh, int(len_S.max()))
+    scratch, per_thread, threads = _attention_scratch(H, Dh, int(len_S.max()) if longest is None else longest)
     _lib.paged_decode_attention(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(),
                                 v_cache.data_ptr(), blocks_SB.data_ptr(), blocks_SB.shape[1], first_S.data_ptr(),
                                 len_S.data_ptr(), S, H, Hkv, Dh, block_size, scale, out.data_ptr(), scratch.data_ptr(),
@@ -260,15 +264,11 @@ def attention_block(h_TD: torch.Tensor, w_in: torch.Tensor, w_post: torch.Tensor
     work = torch.empty(T * (2 * D + (2 * H + 2 * Hkv) * Dh))
     h_out, x_out = torch.empty(T, D), torch.empty(T, D)
     scratch, per_thread, threads = _attention_scratch(H, Dh, longest)
-
-    def ptr(t):
-        return None if t is None else t.data_ptr()
-
     _lib.attention_block(h_TD.data_ptr(), T, D, w_in.data_ptr(), eps, qkv_w.data_ptr(), qkv_w.dtype == torch.bfloat16,
-                         ptr(qkv_b), H, Hkv, Dh, ptr(cos), ptr(sin), int(qk_norm), ptr(q_scale), k_cache.data_ptr(),
+                         _ptr(qkv_b), H, Hkv, Dh, _ptr(cos), _ptr(sin), int(qk_norm), _ptr(q_scale), k_cache.data_ptr(),
                          v_cache.data_ptr(), blocks_TB.data_ptr(), blocks_TB.shape[1], first_T.data_ptr(),
                          len_T.data_ptr(), bs, scale, scratch.data_ptr(), per_thread, o_w.data_ptr(),
-                         o_w.dtype == torch.bfloat16, ptr(o_b), w_post.data_ptr(), work.data_ptr(), h_out.data_ptr(),
+                         o_w.dtype == torch.bfloat16, _ptr(o_b), w_post.data_ptr(), work.data_ptr(), h_out.data_ptr(),
                          x_out.data_ptr(), threads)
     return h_out, x_out
 

@@ -59,7 +59,7 @@ class _Visible:
 
 
 def _visible(blocks: KVBlockManager, c: ScheduledChunk, kind: str, bs: int, chunk: int | None) -> _Visible:
-    first = 0 if kind == GLOBAL or chunk is None else (c.start // chunk) * chunk  # chunked: the chunk's start
+    first = _window_start(c.start, chunk if kind == CHUNKED else None)
     lo, hi = first // bs, (c.end - 1) // bs
     in_window = blocks.table_slices(c.seq.request_id, kind == CHUNKED, lo, hi + 1)  # never None
     blocks_KB = torch.tensor(in_window, dtype=torch.long)
@@ -88,20 +88,18 @@ class StepAttention:
         short = all(c.num_tokens * c.end <= self.KERNEL_PREFILL_READS for c in chunks[S:])  # global layers: all keys
         n_kernel = (len(chunks) if short else S) if fused else 0
         self.kernel_rows = sum(c.num_tokens for c in chunks[:n_kernel])
-        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # kernel: see _kernel_tables
+        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}  # see _kernel_tables
         self.write_slots: dict[str, torch.Tensor] = {}  # kind -> [K, rows written here]
         self.decode: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind -> (slots [K, S, L], mask [S,1,1,L])
         self.prefill: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # kind -> [(slots [K, L], mask [n, L])]
         rest = chunks[n_kernel:]
         self.all_kernel = n_kernel > 0 and not rest
-        self.longest: dict[str, int] = {}  # kind -> most keys a row sees (sizes the kernel's score buffer)
         for kind, num_layers in cache.num_layers.items():
             if num_layers == 0:
                 continue
             kind_chunk = chunk if kind == CHUNKED else None
             if n_kernel:
                 self.tables[kind] = _kernel_tables(blocks, chunks[:n_kernel], kind, bs, kind_chunk)
-                self.longest[kind] = int(self.tables[kind][2].max())
             vis = [_visible(blocks, c, kind, bs, chunk) for c in rest]
             if rest:
                 self.write_slots[kind] = torch.cat([v.slots_KL[:, -c.num_tokens:] for v, c in zip(vis, rest)],
@@ -122,9 +120,9 @@ class StepAttention:
         if not self.all_kernel:
             return None
         kind, idx = self.cache.layer_kind[layer]
-        blocks_KRB, first_R, len_R = self.tables[kind]
+        blocks_KRB, first_R, len_R, longest = self.tables[kind]
         return ((self.cache.k_NHDh, self.cache.v_NHDh, self.cache.block_size),
-                (blocks_KRB[idx], first_R, len_R, self.longest[kind]))
+                (blocks_KRB[idx], first_R, len_R, longest))
 
     def attend(self, layer: int, chunk: int | None, pos_T: torch.Tensor, q_THDh: torch.Tensor,
                k_THDh: torch.Tensor, v_THDh: torch.Tensor) -> torch.Tensor:
@@ -137,10 +135,10 @@ class StepAttention:
             v_NHDh[slots_T] = v_THDh[R:].to(v_NHDh.dtype)
         outs = []
         if R:
-            blocks_KRB, first_R, len_R = self.tables[kind]
+            blocks_KRB, first_R, len_R, longest = self.tables[kind]
             outs.append(cpu_kernels.paged_decode_attention(q_THDh[:R], k_THDh[:R], v_THDh[:R], k_NHDh, v_NHDh,
                                                            blocks_KRB[idx], first_R, len_R, self.cache.block_size,
-                                                           scale))
+                                                           scale, longest))
         row = R
         if kind in self.decode:
             slots_KSL, mask_S11L = self.decode[kind]
@@ -168,10 +166,11 @@ def _window_start(pos: int, chunk: int | None) -> int:
 
 
 def _kernel_tables(blocks: KVBlockManager, chunks: list[ScheduledChunk], kind: str, bs: int,
-                   chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """What the attention kernel reads for every token of ``chunks``, one row per token: the blocks of its chunk's
-    window per layer [K, R, B] (zero-padded), the offset of its first visible key in them [R] and how many keys
-    it sees [R] (its own included: a prefill row sees the chunk's earlier rows, not the later ones)."""
+    window per layer [K, R, B] (zero-padded), the offset of its first visible key in them [R], how many keys it
+    sees [R] (its own included: a prefill row sees the chunk's earlier rows, not the later ones), and the most
+    keys any row sees (sizes the kernel's score buffer; computed once per step, not once per layer)."""
     padded, lo_C, n_C = [], [], []
     for c in chunks:
         lo, hi = _window_start(c.start, chunk) // bs, (c.end - 1) // bs
@@ -189,7 +188,8 @@ def _kernel_tables(blocks: KVBlockManager, chunks: list[ScheduledChunk], kind: s
         lo_R = torch.repeat_interleave(torch.tensor(lo_C, dtype=torch.long), counts_C)
         blocks_RKB = torch.repeat_interleave(blocks_CKB, counts_C, dim=0)
     window_R = torch.zeros_like(pos_R) if chunk is None else torch.div(pos_R, chunk, rounding_mode="floor") * chunk
-    return blocks_RKB.transpose(0, 1).contiguous(), window_R - lo_R * bs, pos_R - window_R + 1
+    len_R = pos_R - window_R + 1
+    return blocks_RKB.transpose(0, 1).contiguous(), window_R - lo_R * bs, len_R, int(len_R.max())
 
 
 def _batch_decodes(vis: list[_Visible], chunks: list[ScheduledChunk], chunk: int | None,
