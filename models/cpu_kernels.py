@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from models import huge_pages
+
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("packed_matmul.c", "decode_ops.c")]
@@ -117,7 +119,9 @@ def pack(w_NK: torch.Tensor) -> torch.Tensor:
     N, K = w_NK.shape[-2:]
     nb = -(-N // NR)
     w_NK = F.pad(w_NK, (0, 0, 0, nb * NR - N))
-    return w_NK.reshape(*w_NK.shape[:-2], nb, NR, K).transpose(-1, -2).contiguous()
+    packed = huge_pages.empty((*w_NK.shape[:-2], nb, K, NR), w_NK.dtype)  # streamed every step: 2 MiB pages
+    packed.copy_(w_NK.reshape(*w_NK.shape[:-2], nb, NR, K).transpose(-1, -2))
+    return packed
 
 
 def unpack(packed: torch.Tensor, N: int) -> torch.Tensor:
