@@ -178,15 +178,18 @@ def _kernel_tables(blocks: KVBlockManager, chunks: list[ScheduledChunk], kind: s
         lo_C.append(lo)
         n_C.append(c.num_tokens)
     width = max(len(t[0]) for t in padded)
+    if all(n == 1 for n in n_C):  # decodes only, one row per chunk: plain ints, three tensors (runs every step)
+        blocks_KRB = torch.tensor([[t[k] + [0] * (width - len(t[k])) for t in padded]
+                                   for k in range(len(padded[0]))], dtype=torch.long)
+        window_R = [0 if chunk is None else c.start // chunk * chunk for c in chunks]
+        len_R = [c.start - w + 1 for c, w in zip(chunks, window_R)]
+        return (blocks_KRB, torch.tensor([w - lo * bs for w, lo in zip(window_R, lo_C)], dtype=torch.long),
+                torch.tensor(len_R, dtype=torch.long), max(len_R))
     blocks_CKB = torch.tensor([[t + [0] * (width - len(t)) for t in ts] for ts in padded], dtype=torch.long)
-    if all(n == 1 for n in n_C):  # decodes only: one row per chunk
-        pos_R = torch.tensor([c.start for c in chunks], dtype=torch.long)
-        lo_R, blocks_RKB = torch.tensor(lo_C, dtype=torch.long), blocks_CKB
-    else:
-        counts_C = torch.tensor(n_C)
-        pos_R = torch.cat([torch.arange(c.start, c.end) for c in chunks])
-        lo_R = torch.repeat_interleave(torch.tensor(lo_C, dtype=torch.long), counts_C)
-        blocks_RKB = torch.repeat_interleave(blocks_CKB, counts_C, dim=0)
+    counts_C = torch.tensor(n_C)  # prefill rows: a chunk's rows share its blocks
+    pos_R = torch.cat([torch.arange(c.start, c.end) for c in chunks])
+    lo_R = torch.repeat_interleave(torch.tensor(lo_C, dtype=torch.long), counts_C)
+    blocks_RKB = torch.repeat_interleave(blocks_CKB, counts_C, dim=0)
     window_R = torch.zeros_like(pos_R) if chunk is None else torch.div(pos_R, chunk, rounding_mode="floor") * chunk
     len_R = pos_R - window_R + 1
     return blocks_RKB.transpose(0, 1).contiguous(), window_R - lo_R * bs, len_R, int(len_R.max())

@@ -19,6 +19,12 @@
 #define MR 6  /* activation rows per micro-tile: 6 x 2 accumulators + 2 weights + 1 broadcast = 15 ymm */
 /* Unrolled before register allocation: otherwise gcc keeps the accumulator arrays on the stack. */
 #define UNROLL _Pragma("GCC unroll 8")
+/* When a block serves several tiles, its first tile streams it from memory and then waits on it, at the FMA
+ * rate of the others: asking for the bytes 2 KiB ahead of its loads keeps more requests in flight than the
+ * hardware prefetcher alone (+9-11% at 32 rows, interleaved in one process). Later tiles find the block in L2.
+ * A lone tile (a few rows: memory-bound) is better off without (-8-13% at 1-2 rows with it). A prefetch past the
+ * block's end reads into the next block or nowhere: prefetches never fault. */
+#define PF_AHEAD 2048
 #define MC 96 /* activation rows per outer chunk: x chunk stays in L2 while a thread streams its weights */
 
 static inline void load_w_f32(const void *p, int64_t i, __m256 *w0, __m256 *w1) {
@@ -33,13 +39,14 @@ static inline void load_w_bf16(const void *p, int64_t i, __m256 *w0, __m256 *w1)
 
 /* y[0:R, 0:cols] = x[0:R, :] . block^T, block = [K][NR] packed weights, cols <= NR. Each output is one fp32
  * FMA chain over k in order, whatever R or M: a row's result does not depend on the batch it came in. */
-#define DEFINE_MICRO(NAME, R, LOADW)                                                                                \
+#define DEFINE_MICRO(NAME, R, LOADW, ESZ)                                                                           \
     static void NAME(const float *x, int64_t ldx, const void *blk, int64_t K, float *y, int64_t ldy,                \
-                     int cols) {                                                                                    \
+                     int cols, int pf) {                                                                            \
         __m256 a0[R], a1[R];                                                                                        \
         UNROLL for (int m = 0; m < R; m++) a0[m] = a1[m] = _mm256_setzero_ps();                                     \
         for (int64_t k = 0; k < K; k++) {                                                                           \
             __m256 w0, w1;                                                                                          \
+            if (pf) _mm_prefetch((const char *)blk + k * NR * ESZ + PF_AHEAD, _MM_HINT_T0);                         \
             LOADW(blk, k * NR, &w0, &w1);                                                                           \
             UNROLL for (int m = 0; m < R; m++) {                                                                    \
                 __m256 xb = _mm256_broadcast_ss(x + m * ldx + k);                                                   \
@@ -56,14 +63,15 @@ static inline void load_w_bf16(const void *p, int64_t i, __m256 *w0, __m256 *w1)
             UNROLL for (int m = 0; m < R; m++) memcpy(y + m * ldy, tmp[m], sizeof(float) * cols);                   \
         }                                                                                                           \
     }
-#define DEFINE_MICROS(T, LOADW)                                                                                     \
-    DEFINE_MICRO(micro1_##T, 1, LOADW) DEFINE_MICRO(micro2_##T, 2, LOADW) DEFINE_MICRO(micro3_##T, 3, LOADW)        \
-    DEFINE_MICRO(micro4_##T, 4, LOADW) DEFINE_MICRO(micro5_##T, 5, LOADW) DEFINE_MICRO(micro6_##T, 6, LOADW)        \
+#define DEFINE_MICROS(T, LOADW, ESZ)                                                                                \
+    DEFINE_MICRO(micro1_##T, 1, LOADW, ESZ) DEFINE_MICRO(micro2_##T, 2, LOADW, ESZ)                                 \
+    DEFINE_MICRO(micro3_##T, 3, LOADW, ESZ) DEFINE_MICRO(micro4_##T, 4, LOADW, ESZ)                                 \
+    DEFINE_MICRO(micro5_##T, 5, LOADW, ESZ) DEFINE_MICRO(micro6_##T, 6, LOADW, ESZ)                                 \
     static void (*const micro_##T[MR + 1])(const float *, int64_t, const void *, int64_t, float *, int64_t,         \
-                                          int) = {0, micro1_##T, micro2_##T, micro3_##T, micro4_##T,                \
-                                                  micro5_##T, micro6_##T};
-DEFINE_MICROS(f32, load_w_f32)
-DEFINE_MICROS(bf16, load_w_bf16)
+                                          int, int) = {0, micro1_##T, micro2_##T, micro3_##T, micro4_##T,           \
+                                                       micro5_##T, micro6_##T};
+DEFINE_MICROS(f32, load_w_f32, 4)
+DEFINE_MICROS(bf16, load_w_bf16, 2)
 
 /* x [S,K] (rows of expert e: offs[e]..offs[e+1]), w packed [E][ceil(N/NR)][K][NR] fp32 or bf16, y [S,N]. */
 void grouped_packed_linear(const float *x, int64_t K, const int64_t *offs, int64_t E, const void *w, int w_bf16,
@@ -90,7 +98,7 @@ void grouped_packed_linear(const float *x, int64_t K, const int64_t *offs, int64
             const int64_t extra = tiles ? (hi - lo) % tiles : 0;
             for (int64_t t = 0, m = lo; t < tiles; t++) {
                 const int r = (int)(base + (t < extra));
-                (w_bf16 ? micro_bf16 : micro_f32)[r](x + m * K, K, blk, K, y + m * N + b * NR, N, cols);
+                (w_bf16 ? micro_bf16 : micro_f32)[r](x + m * K, K, blk, K, y + m * N + b * NR, N, cols, t == 0 && tiles > 1);
                 m += r;
             }
         }
