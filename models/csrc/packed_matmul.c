@@ -19,11 +19,12 @@
 #define MR 6  /* activation rows per micro-tile: 6 x 2 accumulators + 2 weights + 1 broadcast = 15 ymm */
 /* Unrolled before register allocation: otherwise gcc keeps the accumulator arrays on the stack. */
 #define UNROLL _Pragma("GCC unroll 8")
-/* When a block serves several tiles, its first tile streams it from memory and then waits on it, at the FMA
- * rate of the others: asking for the bytes 2 KiB ahead of its loads keeps more requests in flight than the
- * hardware prefetcher alone (+9-11% at 32 rows, interleaved in one process). Later tiles find the block in L2.
- * A lone tile (a few rows: memory-bound) is better off without (-8-13% at 1-2 rows with it). A prefetch past the
- * block's end reads into the next block or nowhere: prefetches never fault. */
+/* Software prefetch 2 KiB ahead of the loads on the first tile of a block (later tiles find it in L2), measured
+ * interleaved in one process: when the block serves several tiles, the first one streams it and then waits on it
+ * at the FMA rate of the others (+9-11% at 32 rows, fp32). A lone tile (a few rows: memory-bound) gains with bf16
+ * weights (+17-19%, grouped experts at 8-64 rows) and loses with fp32 ones (-8-13%): there the hardware
+ * prefetcher alone does better. A prefetch past the block's end reads into the next block or nowhere: prefetches
+ * never fault. */
 #define PF_AHEAD 2048
 #define MC 96 /* activation rows per outer chunk: x chunk stays in L2 while a thread streams its weights */
 
@@ -98,7 +99,7 @@ void grouped_packed_linear(const float *x, int64_t K, const int64_t *offs, int64
             const int64_t extra = tiles ? (hi - lo) % tiles : 0;
             for (int64_t t = 0, m = lo; t < tiles; t++) {
                 const int r = (int)(base + (t < extra));
-                (w_bf16 ? micro_bf16 : micro_f32)[r](x + m * K, K, blk, K, y + m * N + b * NR, N, cols, t == 0 && tiles > 1);
+                (w_bf16 ? micro_bf16 : micro_f32)[r](x + m * K, K, blk, K, y + m * N + b * NR, N, cols, t == 0 && (tiles > 1 || w_bf16));
                 m += r;
             }
         }
