@@ -40,9 +40,9 @@ static inline void load_w_bf16(const void *p, int64_t i, __m256 *w0, __m256 *w1)
 
 /* y[0:R, 0:cols] = x[0:R, :] . block^T, block = [K][NR] packed weights, cols <= NR. Each output is one fp32
  * FMA chain over k in order, whatever R or M: a row's result does not depend on the batch it came in. */
-#define DEFINE_MICRO(NAME, R, LOADW, ESZ)                                                                           \
+#define DEFINE_MICRO(NAME, R, LOADW, ESZ, pf)                                                                       \
     static void NAME(const float *x, int64_t ldx, const void *blk, int64_t K, float *y, int64_t ldy,                \
-                     int cols, int pf) {                                                                            \
+                     int cols) {                                                                                    \
         __m256 a0[R], a1[R];                                                                                        \
         UNROLL for (int m = 0; m < R; m++) a0[m] = a1[m] = _mm256_setzero_ps();                                     \
         for (int64_t k = 0; k < K; k++) {                                                                           \
@@ -64,15 +64,19 @@ static inline void load_w_bf16(const void *p, int64_t i, __m256 *w0, __m256 *w1)
             UNROLL for (int m = 0; m < R; m++) memcpy(y + m * ldy, tmp[m], sizeof(float) * cols);                   \
         }                                                                                                           \
     }
-#define DEFINE_MICROS(T, LOADW, ESZ)                                                                                \
-    DEFINE_MICRO(micro1_##T, 1, LOADW, ESZ) DEFINE_MICRO(micro2_##T, 2, LOADW, ESZ)                                 \
-    DEFINE_MICRO(micro3_##T, 3, LOADW, ESZ) DEFINE_MICRO(micro4_##T, 4, LOADW, ESZ)                                 \
-    DEFINE_MICRO(micro5_##T, 5, LOADW, ESZ) DEFINE_MICRO(micro6_##T, 6, LOADW, ESZ)                                 \
+/* Two instantiations per row count: without and with the prefetch (a compile-time constant, so the plain one is
+ * the loop it always was). */
+#define DEFINE_MICROS(T, LOADW, ESZ, PF)                                                                            \
+    DEFINE_MICRO(micro1_##T, 1, LOADW, ESZ, PF) DEFINE_MICRO(micro2_##T, 2, LOADW, ESZ, PF)                         \
+    DEFINE_MICRO(micro3_##T, 3, LOADW, ESZ, PF) DEFINE_MICRO(micro4_##T, 4, LOADW, ESZ, PF)                         \
+    DEFINE_MICRO(micro5_##T, 5, LOADW, ESZ, PF) DEFINE_MICRO(micro6_##T, 6, LOADW, ESZ, PF)                         \
     static void (*const micro_##T[MR + 1])(const float *, int64_t, const void *, int64_t, float *, int64_t,         \
-                                          int, int) = {0, micro1_##T, micro2_##T, micro3_##T, micro4_##T,           \
-                                                       micro5_##T, micro6_##T};
-DEFINE_MICROS(f32, load_w_f32, 4)
-DEFINE_MICROS(bf16, load_w_bf16, 2)
+                                          int) = {0, micro1_##T, micro2_##T, micro3_##T, micro4_##T,                \
+                                                  micro5_##T, micro6_##T};
+DEFINE_MICROS(f32, load_w_f32, 4, 0)
+DEFINE_MICROS(bf16, load_w_bf16, 2, 0)
+DEFINE_MICROS(f32_pf, load_w_f32, 4, 1)
+DEFINE_MICROS(bf16_pf, load_w_bf16, 2, 1)
 
 /* x [S,K] (rows of expert e: offs[e]..offs[e+1]), w packed [E][ceil(N/NR)][K][NR] fp32 or bf16, y [S,N]. */
 void grouped_packed_linear(const float *x, int64_t K, const int64_t *offs, int64_t E, const void *w, int w_bf16,
@@ -99,7 +103,9 @@ void grouped_packed_linear(const float *x, int64_t K, const int64_t *offs, int64
             const int64_t extra = tiles ? (hi - lo) % tiles : 0;
             for (int64_t t = 0, m = lo; t < tiles; t++) {
                 const int r = (int)(base + (t < extra));
-                (w_bf16 ? micro_bf16 : micro_f32)[r](x + m * K, K, blk, K, y + m * N + b * NR, N, cols, t == 0 && (tiles > 1 || w_bf16));
+                const int pf = t == 0 && (tiles > 1 || w_bf16);
+                (w_bf16 ? (pf ? micro_bf16_pf : micro_bf16) : (pf ? micro_f32_pf : micro_f32))[r](
+                    x + m * K, K, blk, K, y + m * N + b * NR, N, cols);
                 m += r;
             }
         }
