@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import mmap
 import statistics
 import subprocess
 import sys
@@ -59,18 +58,14 @@ def build_commit(commit: str, out_dir: Path) -> Path:
         (out_dir / src.name).write_bytes(text)
         srcs.append(str(out_dir / src.name))
     so = out_dir / "base.so"
-    subprocess.run(["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-o", str(so), *srcs, "-lm"],
-                   check=True)
+    subprocess.run(["cc", *cpu_kernels.CFLAGS, "-o", str(so), *srcs, "-lm"], check=True)
     return so
 
 
 def on_small_pages(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` on memory advised away from huge pages (what ordinary allocations get)."""
-    nbytes = t.numel() * t.element_size()
-    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mm.madvise(mmap.MADV_NOHUGEPAGE)
-    out = torch.frombuffer(mm, dtype=torch.uint8).view(t.dtype).view(t.shape)
-    return out.copy_(t)
+    raw = huge_pages.new_mapping(t.numel() * t.element_size(), huge=False)
+    return raw.view(t.dtype)[:t.numel()].view(t.shape).copy_(t)
 
 
 def interleave(run_a, run_b, turns: int) -> tuple[float, float, int]:

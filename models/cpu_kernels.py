@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("packed_matmul.c", "decode_ops.c")]
 NR = 16  # output columns per packed block (the kernel's NR)
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]  # part of the library's cache key
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -50,8 +51,7 @@ def _build() -> ctypes.CDLL | None:
         return None
     source = b"".join(src.read_bytes() for src in _SOURCES)
     cc = os.environ.get("CC", "cc")
-    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(source + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
     so = _cache_dir() / f"cpu_kernels-{key}.so"
     if not so.exists():
         so.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def _build() -> ctypes.CDLL | None:
         fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=so.parent)
         os.close(fd)
         try:
-            subprocess.run([cc, *flags, "-o", tmp, *map(str, _SOURCES), "-lm"], check=True, capture_output=True,
+            subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"], check=True, capture_output=True,
                            timeout=120)
             os.replace(tmp, so)
         except (OSError, subprocess.SubprocessError) as e:

@@ -27,8 +27,9 @@ _chunk: torch.Tensor | None = None  # uint8 view of the current mapping (it keep
 _used = 0
 
 
-def _new_mapping(nbytes: int) -> torch.Tensor | None:
-    """A fresh mapping of ``nbytes`` rounded up to huge pages, 2 MiB-aligned, advised huge; None if mmap fails."""
+def new_mapping(nbytes: int, huge: bool = True) -> torch.Tensor | None:
+    """A fresh mapping of ``nbytes`` rounded up to huge pages, 2 MiB-aligned, as uint8; advised huge (or, with
+    ``huge=False``, advised away from huge pages: what a comparison needs); None if mmap fails."""
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
     try:
         mm = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -36,7 +37,7 @@ def _new_mapping(nbytes: int) -> torch.Tensor | None:
         return None
     if hasattr(mm, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
-            mm.madvise(mmap.MADV_HUGEPAGE)
+            mm.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE)
         except OSError:  # THP off in this kernel: ordinary pages
             pass
     whole = torch.frombuffer(mm, dtype=torch.uint8)  # holds the mmap object: freed with the last tensor on it
@@ -47,18 +48,19 @@ def _new_mapping(nbytes: int) -> torch.Tensor | None:
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor on huge-page-advised memory (contiguous; freed when no tensor uses it)."""
     global _chunk, _used
-    nbytes = max(1, torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+    numel = torch.Size(shape).numel()
+    nbytes = max(1, numel) * dtype.itemsize
     with _lock:
         if nbytes > CHUNK // 2:  # a large weight gets a mapping of its own: the shared chunk keeps its space
-            raw = _new_mapping(nbytes)
+            raw = new_mapping(nbytes)
         else:
             if _chunk is None or _used + nbytes > _chunk.numel():
-                _chunk, _used = _new_mapping(CHUNK), 0
+                _chunk, _used = new_mapping(CHUNK), 0
             raw = None if _chunk is None else _chunk[_used:_used + nbytes]
             _used = -(-(_used + nbytes) // ALIGN) * ALIGN
         if raw is None:
             return torch.empty(shape, dtype=dtype)
-    return raw.view(dtype)[:torch.Size(shape).numel()].view(shape)
+    return raw.view(dtype)[:numel].view(shape)
 
 
 def huge_page_bytes(t: torch.Tensor) -> int:
@@ -80,4 +82,4 @@ def huge_page_bytes(t: torch.Tensor) -> int:
     return 0
 
 
-__all__ = ["empty", "huge_page_bytes", "HUGE_PAGE"]
+__all__ = ["empty", "new_mapping", "huge_page_bytes", "HUGE_PAGE"]

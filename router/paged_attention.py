@@ -171,19 +171,20 @@ def _kernel_tables(blocks: KVBlockManager, chunks: list[ScheduledChunk], kind: s
     window per layer [K, R, B] (zero-padded), the offset of its first visible key in them [R], how many keys it
     sees [R] (its own included: a prefill row sees the chunk's earlier rows, not the later ones), and the most
     keys any row sees (sizes the kernel's score buffer; computed once per step, not once per layer)."""
-    padded, lo_C, n_C = [], [], []
+    padded, lo_C, n_C, window_C = [], [], [], []
     for c in chunks:
-        lo, hi = _window_start(c.start, chunk) // bs, (c.end - 1) // bs
+        window = _window_start(c.start, chunk)
+        lo, hi = window // bs, (c.end - 1) // bs
         padded.append(blocks.table_slices(c.seq.request_id, kind == CHUNKED, lo, hi + 1))  # in-window: never None
         lo_C.append(lo)
         n_C.append(c.num_tokens)
+        window_C.append(window)
     width = max(len(t[0]) for t in padded)
     if all(n == 1 for n in n_C):  # decodes only, one row per chunk: plain ints, three tensors (runs every step)
         blocks_KRB = torch.tensor([[t[k] + [0] * (width - len(t[k])) for t in padded]
                                    for k in range(len(padded[0]))], dtype=torch.long)
-        window_R = [0 if chunk is None else c.start // chunk * chunk for c in chunks]
-        len_R = [c.start - w + 1 for c, w in zip(chunks, window_R)]
-        return (blocks_KRB, torch.tensor([w - lo * bs for w, lo in zip(window_R, lo_C)], dtype=torch.long),
+        len_R = [c.start - w + 1 for c, w in zip(chunks, window_C)]
+        return (blocks_KRB, torch.tensor([w - lo * bs for w, lo in zip(window_C, lo_C)], dtype=torch.long),
                 torch.tensor(len_R, dtype=torch.long), max(len_R))
     blocks_CKB = torch.tensor([[t + [0] * (width - len(t)) for t in ts] for ts in padded], dtype=torch.long)
     counts_C = torch.tensor(n_C)  # prefill rows: a chunk's rows share its blocks
