@@ -83,6 +83,10 @@ def _build() -> ctypes.CDLL | None:
         "route_sort": [ptr, i64, i64, ptr, ptr],
         "gather_scaled": [ptr, i64, ptr, ptr, i64, i64, i64, ptr],
         "scatter_sum": [ptr, ptr, i64, i64, i64, ptr],
+        "swiglu_block": [ptr, i64, i64, ptr, i32, i64, ptr, i32, ptr, ptr, ptr, i32],
+        "moe_gate": [ptr, i64, i64, ptr, i32, i64, i64, ptr, ptr, ptr, i32],
+        "experts_ffn": [ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, i32],
+        "residual_add": [ptr, ptr, ptr, ptr, i64],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -214,6 +218,44 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     y_MF = torch.empty(M, F2 // 2, dtype=torch.float32)
     _lib.silu_mul(x_M2F.data_ptr(), M, F2 // 2, y_MF.data_ptr(), torch.get_num_threads())
     return y_MF.view(*gate_up.shape[:-1], F2 // 2)
+
+
+def swiglu(x_TD: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) in one call: gate|up packed as one [2F, D] weight, down packed [D, F]."""
+    x_TD = x_TD.contiguous()
+    T, D = x_TD.shape
+    F = down.shape[-2]  # packed [D/16, F, 16]
+    out_TD, work = torch.empty(T, D), torch.empty(T * (3 * F + D))
+    _lib.swiglu_block(x_TD.data_ptr(), T, D, gate_up.data_ptr(), gate_up.dtype == torch.bfloat16, F, down.data_ptr(),
+                      down.dtype == torch.bfloat16, None, out_TD.data_ptr(), work.data_ptr(), torch.get_num_threads())
+    return out_TD
+
+
+def moe_gate(x_TD: torch.Tensor, router: torch.Tensor, num_experts: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``topk_sigmoid`` of the router's logits (router packed, no bias) in one call: (scores [T, K], ids [T, K])."""
+    x_TD = x_TD.contiguous()
+    T, D = x_TD.shape
+    logits, scores_TK, ids_TK = torch.empty(T * num_experts), torch.empty(T, k), torch.empty(T, k, dtype=torch.int64)
+    _lib.moe_gate(x_TD.data_ptr(), T, D, router.data_ptr(), router.dtype == torch.bfloat16, num_experts, k,
+                  logits.data_ptr(), scores_TK.data_ptr(), ids_TK.data_ptr(), torch.get_num_threads())
+    return scores_TK, ids_TK
+
+
+def experts_ffn(x_TD: torch.Tensor, scores_TK: torch.Tensor, ids_TK: torch.Tensor, gate_up_E: torch.Tensor,
+                down_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Every token's routed-expert outputs summed [T, D], with the route (slot_S, rows per expert) as
+    ``route_sort`` gives it: routing, gathering, both grouped products and the sum in one call. All E experts are
+    held here (packed as ``pack_experts`` leaves them)."""
+    x = _rows(x_TD)
+    scores, ids = scores_TK.contiguous(), ids_TK.contiguous()
+    (T, K), (E, _, D, _), F = ids.shape, gate_up_E.shape, down_E.shape[-2]
+    slot_S, counts_E = torch.empty(T * K, dtype=torch.int64), torch.empty(E, dtype=torch.int64)
+    out_TD, work = torch.empty(T, D), torch.empty(T * K * (2 * D + 3 * F))
+    _lib.experts_ffn(x.data_ptr(), x.stride(0), scores.data_ptr(), ids.data_ptr(), T, K, E, D, F, gate_up_E.data_ptr(),
+                     gate_up_E.dtype == torch.bfloat16, down_E.data_ptr(), down_E.dtype == torch.bfloat16,
+                     slot_S.data_ptr(), counts_E.data_ptr(), work.data_ptr(), out_TD.data_ptr(),
+                     torch.get_num_threads())
+    return out_TD, slot_S, counts_E.tolist()
 
 
 def paged_decode_attention(q_SHDh: torch.Tensor, k_SHDh: torch.Tensor, v_SHDh: torch.Tensor, k_cache: torch.Tensor,

@@ -91,9 +91,9 @@ class SwiGLU(nn.Module):
         self.gate_up_packed = self._gate_up = pack_fused(activation_dtype, self.gate_proj, self.up_proj)[0]
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gate_up = self._gate_up
-        if gate_up is not None:
-            return self.down_proj(cpu_kernels.silu_mul(cpu_kernels.packed_linear(x_TD, gate_up, 2 * self.ffn)))
+        gate_up, down = self._gate_up, self.down_proj._kernel_args
+        if gate_up is not None and down is not None and down[2] is None:
+            return cpu_kernels.swiglu(x_TD, gate_up, down[0])
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
 
 

@@ -9,6 +9,7 @@ import torch
 from models import cpu_kernels
 from models.checkpoint import CheckpointReader
 from models.config import load_config
+from models.kernel_step import KernelStep
 from models.model import Llama4TextModel
 from models.seam import ExpertSeam, LocalExperts
 
@@ -47,6 +48,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     for module in model.modules():  # parents first: fused q|k|v and gate|up take their Linears' weights
         if hasattr(module, "pack_for_cpu"):
             module.pack_for_cpu(dtype)
+    step = KernelStep(model)
+    model.kernel_step = step if step.usable else None
     _check_nothing_left_on_meta(model)
     return model.eval()
 

@@ -57,6 +57,9 @@ class Llama4TextModel(nn.Module):
             self.to(dtype)
         # Not a buffer: it is derived from the config, never loaded, and stays fp32 whatever the weights are.
         self.inv_freq = rope_inv_freq(cfg)
+        # Set by the loader once the weights are packed for the CPU kernels (models/kernel_step.py); None: every
+        # step goes layer by layer.
+        self.kernel_step = None
 
     @property
     def activation_dtype(self) -> torch.dtype:
@@ -79,11 +82,18 @@ class Llama4TextModel(nn.Module):
 
         ``pos_T`` are absolute positions; ``backend`` knows which sequence each token belongs to.
         """
-        rope_TF = rope_cos_sin(self.inv_freq.to(token_ids_T.device), pos_T)
+        if self.kernel_step is not None:
+            h_TD = self.kernel_step(self, token_ids_T, pos_T, backend)
+            if h_TD is not None:
+                return h_TD
+        rope_TF = self.rope_tables(pos_T)
         h_TD = self.embed_tokens(token_ids_T).to(self.activation_dtype)  # embeddings may be held narrower
         for layer in self.layers:
             h_TD = layer(h_TD, pos_T, rope_TF, backend)
         return h_TD
+
+    def rope_tables(self, pos_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(self.inv_freq.to(pos_T.device), pos_T)
 
     def hidden_to_logits(self, h_TD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h_TD))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models import cpu_kernels
 from models.config import Llama4Config
 from models.layers import Linear, SwiGLU
 from models.seam import ExpertSeam, top_k_gate
@@ -24,7 +25,11 @@ class MoEFeedForward(nn.Module):
         self.__dict__["experts"] = experts
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        scores_TK, expert_ids_TK = top_k_gate(self.router(x_TD), self.top_k)
+        router = self.router._kernel_args
+        if router is not None and router[2] is None and cpu_kernels.fused_ok(x_TD):  # one call, any T
+            scores_TK, expert_ids_TK = cpu_kernels.moe_gate(x_TD, router[0], router[1], self.top_k)
+        else:
+            scores_TK, expert_ids_TK = top_k_gate(self.router(x_TD), self.top_k)
         handle = self.experts.dispatch(self.layer_idx, x_TD, expert_ids_TK, scores_TK)
         shared_TD = self.shared_expert(x_TD)  # runs while the rows are with the experts
         return shared_TD + self.experts.combine(handle)

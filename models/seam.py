@@ -70,7 +70,7 @@ class DispatchHandle:
 
     layer_idx: int
     layout: RouteLayout
-    in_flight: Any  # LocalExperts: the finished expert rows [S, D]; distributed: pending exchange
+    in_flight: Any  # LocalExperts: the finished per-token sums [T, D]; distributed: pending exchange
 
 
 class ExpertSeam(ABC):
@@ -113,14 +113,20 @@ class LocalExperts(ExpertSeam, nn.Module):
 
     def dispatch(self, layer_idx: int, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                  scores_TK: torch.Tensor) -> DispatchHandle:
-        layout = route_layout(expert_ids_TK, self.num_experts)
-        rows_SD = gather_scaled_rows(x_TD, scores_TK, layout)
         key = str(layer_idx)
-        out_SD = grouped_swiglu(rows_SD, layout.counts_E, self.gate_up_EDF2[key], self.down_EFD[key])
-        return DispatchHandle(layer_idx=layer_idx, layout=layout, in_flight=out_SD)
+        gate_up, down = self.gate_up_EDF2[key], self.down_EFD[key]
+        T, K = expert_ids_TK.shape
+        if gate_up.dim() == 4 and cpu_kernels.fused_ok(x_TD, scores_TK):  # packed: the whole layer in one call
+            out_TD, slot_S, counts_E = cpu_kernels.experts_ffn(x_TD, scores_TK, expert_ids_TK, gate_up, down)
+            layout = RouteLayout(num_tokens=T, top_k=K, slot_S=slot_S, counts_E=tuple(counts_E))
+        else:
+            layout = route_layout(expert_ids_TK, self.num_experts)
+            rows_SD = gather_scaled_rows(x_TD, scores_TK, layout)
+            out_TD = scatter_sum(grouped_swiglu(rows_SD, layout.counts_E, gate_up, down), layout)
+        return DispatchHandle(layer_idx=layer_idx, layout=layout, in_flight=out_TD)
 
     def combine(self, handle: DispatchHandle) -> torch.Tensor:
-        return scatter_sum(handle.in_flight, handle.layout)
+        return handle.in_flight  # computed in dispatch: nothing is in flight in-process
 
 
 def top_k_gate(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,6 +94,7 @@ class StepAttention:
         self.prefill: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # kind -> [(slots [K, L], mask [n, L])]
         rest = chunks[n_kernel:]
         self.all_kernel = n_kernel > 0 and not rest
+        self._pointers = None  # see kernel_pointers
         for kind, num_layers in cache.num_layers.items():
             if num_layers == 0:
                 continue
@@ -123,6 +124,25 @@ class StepAttention:
         blocks_KRB, first_R, len_R, longest = self.tables[kind]
         return ((self.cache.k_NHDh, self.cache.v_NHDh, self.cache.block_size),
                 (blocks_KRB[idx], first_R, len_R, longest))
+
+    def kernel_pointers(self) -> tuple[int, int, int, list[tuple[int, int, int, int, int]]] | None:
+        """The same as ``kernel_tables`` as plain ints, for a caller that calls the kernels itself
+        (``models/kernel_step.py``): (K cache, V cache, block size, per layer (blocks [T, B], B, first [T], len [T],
+        max len)) as addresses, valid while this object lives; None unless the kernel takes every row."""
+        if not self.all_kernel:
+            return None
+        if self._pointers is None:
+            per_kind = {}
+            for kind, (blocks_KRB, first_R, len_R, longest) in self.tables.items():
+                per_kind[kind] = (blocks_KRB.data_ptr(), blocks_KRB.stride(0) * blocks_KRB.element_size(),
+                                  blocks_KRB.shape[2], first_R.data_ptr(), len_R.data_ptr(), longest)
+            layers = []
+            for layer in range(len(self.cache.layer_kind)):
+                kind, idx = self.cache.layer_kind[layer]
+                base, per_layer, width, first, length, longest = per_kind[kind]
+                layers.append((base + idx * per_layer, width, first, length, longest))
+            self._pointers = (self.cache.k_NHDh.data_ptr(), self.cache.v_NHDh.data_ptr(), self.cache.block_size, layers)
+        return self._pointers
 
     def attend(self, layer: int, chunk: int | None, pos_T: torch.Tensor, q_THDh: torch.Tensor,
                k_THDh: torch.Tensor, v_THDh: torch.Tensor) -> torch.Tensor:

@@ -252,3 +252,34 @@ def test_routing_kernels_match_the_torch_reference(T, E, K):
     token_major[slot_S] = rows_SD
     torch.testing.assert_close(cpu_kernels.scatter_sum(rows_SD, slot_S, T, K), token_major.view(T, K, -1).sum(1),
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 16, 1), (7, 4, 2), (40, 16, 1), (0, 4, 1)])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_one_call_layer_parts_equal_their_separate_kernels(T, E, K, wdtype):
+    """swiglu, moe_gate and experts_ffn (what models/kernel_step.py calls per layer) against the separate kernels
+    they are made of, bit for bit, and against torch's math in float64."""
+    g = torch.Generator().manual_seed(T + E + K)
+    D, F_ = 48, 40
+    x_TD = torch.randn(T, 2 * D, generator=g)[:, ::2]  # strided rows, as a view of a wider buffer
+    gate_up, down = (torch.randn(2 * F_, D, generator=g) / 8).to(wdtype), (torch.randn(D, F_, generator=g) / 8).to(wdtype)
+    gu_p, down_p = cpu_kernels.pack(gate_up), cpu_kernels.pack(down)
+    separate = cpu_kernels.packed_linear(cpu_kernels.silu_mul(cpu_kernels.packed_linear(x_TD.contiguous(), gu_p, 2 * F_)),
+                                         down_p, D)
+    assert torch.equal(cpu_kernels.swiglu(x_TD, gu_p, down_p), separate)
+    x64, (g64, u64) = x_TD.double(), gate_up.double().chunk(2)
+    torch.testing.assert_close(separate.double(), (F.silu(x64 @ g64.T) * (x64 @ u64.T)) @ down.double().T,
+                               rtol=1e-4, atol=1e-5)
+
+    router = torch.randn(E, D, generator=g).to(wdtype)
+    scores_TK, ids_TK = cpu_kernels.moe_gate(x_TD, cpu_kernels.pack(router), E, K)
+    ref_scores, ref_ids = cpu_kernels.topk_sigmoid(cpu_kernels.packed_linear(x_TD.contiguous(), cpu_kernels.pack(router), E), K)
+    assert torch.equal(ids_TK, ref_ids) and torch.equal(scores_TK, ref_scores)
+
+    gate_up_E, down_E = torch.randn(E, D, 2 * F_, generator=g) / 8, torch.randn(E, F_, D, generator=g) / 8
+    packed = pack_experts(gate_up_E.to(wdtype), down_E.to(wdtype), torch.float32)
+    out_TD, slot_S, counts = cpu_kernels.experts_ffn(x_TD, scores_TK, ids_TK, *packed)
+    ref_slot, ref_counts = cpu_kernels.route_sort(ids_TK, E)
+    assert torch.equal(slot_S, ref_slot) and counts == ref_counts and (0 in counts or T * K >= E)  # rowless experts
+    rows_SD = cpu_kernels.gather_scaled(x_TD, scores_TK, slot_S)
+    assert torch.equal(out_TD, cpu_kernels.scatter_sum(grouped_swiglu(rows_SD, counts, *packed), slot_S, T, K))

@@ -49,14 +49,19 @@ def _alone(model, prompt, n):
     return greedy_generate(model, torch.tensor([prompt]), n)[0].tolist()
 
 
-@pytest.mark.parametrize("prefill_reads,one_call", [(StepAttention.KERNEL_PREFILL_READS, True), (0, True),
-                                                   (StepAttention.KERNEL_PREFILL_READS, False)])
-def test_mixed_batch_with_late_joins_and_preemption_matches_running_alone(model, tokenizer, prefill_reads, one_call,
+@pytest.mark.parametrize("prefill_reads,path", [(StepAttention.KERNEL_PREFILL_READS, "kernel_step"),
+                                               (StepAttention.KERNEL_PREFILL_READS, "layers"), (0, "layers"),
+                                               (StepAttention.KERNEL_PREFILL_READS, "separate")])
+def test_mixed_batch_with_late_joins_and_preemption_matches_running_alone(model, tokenizer, prefill_reads, path,
                                                                            monkeypatch):
     # prefill_reads 0: prefill chunks go to SDPA over gathered keys while the decodes stay with the CPU kernel;
-    # one_call False: the attention sub-layer as separate kernel calls instead of cpu_kernels.attention_block
+    # "kernel_step": whole steps driven by models/kernel_step.py; "layers": layer by layer with the attention
+    # sub-layer in one call (cpu_kernels.attention_block); "separate": that sub-layer as separate kernel calls
+    assert model.kernel_step is not None
     monkeypatch.setattr(StepAttention, "KERNEL_PREFILL_READS", prefill_reads)
-    if not one_call:
+    if path != "kernel_step":
+        monkeypatch.setattr(model, "kernel_step", None)
+    if path == "separate":
         monkeypatch.setattr(Attention, "block", lambda *args, **kwargs: None)
     prompts = _prompts(7, [5, 40, 17, 61, 3, 33, 9])
     reqs = [GenerationRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
@@ -288,6 +293,7 @@ def test_attention_sub_layer_in_one_call_gives_the_logits_of_separate_calls(mode
     assert any(c.num_tokens == 1 for c in chunks) and any(c.num_tokens > 1 for c in chunks)
     from models import cpu_kernels
 
+    monkeypatch.setattr(model, "kernel_step", None)  # layer by layer (the whole-step path has its own test)
     calls = []
     real = cpu_kernels.attention_block
     monkeypatch.setattr(cpu_kernels, "attention_block", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -295,3 +301,70 @@ def test_attention_sub_layer_in_one_call_gives_the_logits_of_separate_calls(mode
     assert len(calls) == model.cfg.num_hidden_layers  # every layer took the one-call path
     monkeypatch.setattr(Attention, "block", lambda *args, **kwargs: None)
     torch.testing.assert_close(engine.runner.run(chunks), one_call, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def dense_and_moe(tmp_path_factory):
+    """tiny with dense and MoE layers alternating (Maverick's pattern) and top-2 routing: every branch of a step."""
+    from models.checkpoint_writer import make_checkpoint
+    from models.tokenizer import Tokenizer
+
+    path = make_checkpoint(tmp_path_factory.mktemp("alt"), "tiny", seed=3,
+                           overrides=dict(interleave_moe_layer_step=2, num_experts_per_tok=2))
+    return path, Tokenizer.from_dir(path)
+
+
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_whole_step_on_the_kernels_gives_the_logits_of_the_layer_by_layer_path(dense_and_moe, weights, monkeypatch):
+    """models/kernel_step.py against the layer-by-layer path, bit for bit, on steps of decodes and short prefills
+    (the same step run twice: its K/V writes are the same values); and it really ran, through the seam."""
+    from models.loading import load_model
+    from models.seam import LocalExperts
+    from router.model_runner import decodes_first
+
+    path, tok = dense_and_moe
+    model = load_model(path, weight_dtype=weights)
+    assert model.kernel_step is not None and {layer.is_moe for layer in model.layers} == {True, False}
+    engine = _engine(model, tok)
+    prompts = _prompts(4, [5, 40, 17, 9], seed=12)
+    for i, p in enumerate(prompts[:2]):
+        engine.add_request(GenerationRequest(f"d{i}", p, dataclasses.replace(GREEDY, max_tokens=30)))
+    compared = 0
+    for step in range(12):
+        if step == 4:
+            for i, p in enumerate(prompts[2:]):
+                engine.add_request(GenerationRequest(f"s{i}", p, GREEDY))
+        chunks = decodes_first(engine.scheduler.schedule())
+        dispatched = []
+        real = LocalExperts.dispatch
+        monkeypatch.setattr(LocalExperts, "dispatch", lambda *a, **k: dispatched.append(1) or real(*a, **k))
+        whole = engine.runner.run(chunks)
+        assert len(dispatched) == sum(layer.is_moe for layer in model.layers)  # the routed experts: via the seam
+        monkeypatch.setattr(LocalExperts, "dispatch", real)
+        step_fn = model.kernel_step
+        model.kernel_step = None
+        try:
+            layers = engine.runner.run(chunks)
+        finally:
+            model.kernel_step = step_fn
+        assert torch.equal(whole, layers), f"step {step}"
+        compared += any(c.num_tokens > 1 for c in chunks) and any(c.num_tokens == 1 for c in chunks)
+        engine.scheduler.after_step(chunks)  # the engine's bookkeeping without sampling (positions only matter)
+        for c in chunks:
+            if c.samples:
+                c.seq.output_ids.append(7)
+    assert compared  # some step mixed decodes and prefill rows
+
+
+def test_whole_step_falls_back_when_the_kernel_does_not_take_every_row(model, tokenizer, monkeypatch):
+    """A step with a long prefill (SDPA) goes layer by layer; the engine's tokens are those of running alone."""
+    calls = []
+    real = type(model.kernel_step).__call__
+    monkeypatch.setattr(type(model.kernel_step), "__call__",
+                        lambda self, *a: calls.append(out := real(self, *a)) or out)
+    monkeypatch.setattr(StepAttention, "KERNEL_PREFILL_READS", 0)
+    prompt = _prompts(1, [20], seed=4)[0]
+    out = _run(_engine(model, tokenizer), [GenerationRequest("x", prompt, GREEDY)])
+    assert calls[0] is None and all(c is not None for c in calls[1:])  # prefill: layers; decodes: whole steps
+    assert len(calls) == GREEDY.max_tokens
+    assert out["x"] == _alone(model, list(prompt), GREEDY.max_tokens)

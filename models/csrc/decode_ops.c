@@ -308,3 +308,56 @@ void attention_block(const float *h, int64_t T, int64_t D, const float *w_in, fl
     add_bias(o, T, D, o_bias);
     rms_norm(h, D, o, D, h_out, T, D, w_post, eps, x_out, D, nthreads);
 }
+
+void grouped_packed_linear(const float *x, int64_t K, const int64_t *offs, int64_t E, const void *w, int w_bf16,
+                           int64_t N, float *y, int nthreads);
+
+/* A SwiGLU FFN (dense layer, shared expert) in one call: y = down(silu(x W_gate) * (x W_up)) with gate|up packed as
+ * one [2F, D] weight; out = residual + y when residual is given (out may be residual itself: the residual stream
+ * updated in place), else out = y. work: T * (3 F + D) floats. */
+void swiglu_block(const float *x, int64_t T, int64_t D, const void *gate_up_w, int gate_up_bf16, int64_t F,
+                  const void *down_w, int down_bf16, const float *residual, float *out, float *work, int nthreads) {
+    float *gate_up = work, *act = gate_up + T * 2 * F, *y = act + T * F;
+    packed_linear(x, T, D, gate_up_w, gate_up_bf16, 2 * F, gate_up, nthreads);
+    silu_mul(gate_up, T, F, act, nthreads);
+    packed_linear(act, T, F, down_w, down_bf16, D, residual ? y : out, nthreads);
+    if (residual)
+        for (int64_t i = 0; i < T * D; i++) out[i] = residual[i] + y[i];
+}
+
+/* MoE gate: router logits = x W_router (no bias), then the top-K sigmoid scores and ids (topk_sigmoid).
+ * logits: T * E floats of scratch. */
+void moe_gate(const float *x, int64_t T, int64_t D, const void *router_w, int router_bf16, int64_t E, int64_t K,
+              float *logits, float *scores, int64_t *ids, int nthreads) {
+    packed_linear(x, T, D, router_w, router_bf16, E, logits, nthreads);
+    topk_sigmoid(logits, T, E, K, scores, ids);
+}
+
+/* The routed experts of one MoE layer for T tokens, all experts held here, in one call: slots sorted expert-major
+ * (route_sort: slot[T*K], counts[E]), rows gathered and scaled by their scores, each expert's SwiGLU on its rows
+ * (gate|up packed [E][2F/16][D][16], down [E][D/16][F][16]), and every token's K outputs summed in k order into
+ * out [T, D]. work: T * K * (2 D + 3 F) floats. */
+void experts_ffn(const float *x, int64_t ldx, const float *scores, const int64_t *ids, int64_t T, int64_t K,
+                 int64_t E, int64_t D, int64_t F, const void *gate_up_w, int gate_up_bf16, const void *down_w,
+                 int down_bf16, int64_t *slot, int64_t *counts, float *work, float *out, int nthreads) {
+    const int64_t S = T * K;
+    int64_t offs[E + 1];
+    route_sort(ids, S, E, slot, counts);
+    offs[0] = 0;
+    for (int64_t e = 0; e < E; e++) offs[e + 1] = offs[e] + counts[e];
+    float *rows = work, *gate_up = rows + S * D, *act = gate_up + S * 2 * F, *y = act + S * F;
+    gather_scaled(x, ldx, scores, slot, S, K, D, rows);
+    grouped_packed_linear(rows, D, offs, E, gate_up_w, gate_up_bf16, 2 * F, gate_up, nthreads);
+    silu_mul(gate_up, S, F, act, nthreads);
+    grouped_packed_linear(act, F, offs, E, down_w, down_bf16, D, y, nthreads);
+    scatter_sum(y, slot, T, K, D, out);
+}
+
+/* out = h + (a + b), or h + a without b: an MoE layer's residual add of shared and routed outputs, in the order
+ * the layer-by-layer path adds them. out may be h. */
+void residual_add(const float *h, const float *a, const float *b, float *out, int64_t n) {
+    if (b)
+        for (int64_t i = 0; i < n; i++) out[i] = h[i] + (a[i] + b[i]);
+    else
+        for (int64_t i = 0; i < n; i++) out[i] = h[i] + a[i];
+}
