@@ -69,7 +69,7 @@ def _build() -> ctypes.CDLL | None:
             return None
     lib = ctypes.CDLL(str(so))
     i64, f32, i32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-    signatures = {  # every kernel returns void; the last int is the thread count where there is one
+    signatures = {  # the last int is the thread count where there is one
         "grouped_packed_linear": [ptr, i64, ptr, i64, ptr, i32, i64, ptr, i32],
         "packed_linear": [ptr, i64, i64, ptr, i32, i64, ptr, i32],
         "rms_norm": [ptr, i64, ptr, i64, ptr, i64, i64, ptr, f32, ptr, i64, i32],
@@ -87,10 +87,12 @@ def _build() -> ctypes.CDLL | None:
         "moe_gate": [ptr, i64, i64, ptr, i32, i64, i64, ptr, ptr, ptr, i32],
         "experts_ffn": [ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, i32],
         "residual_add": [ptr, ptr, ptr, ptr, i64],
+        "layer_stack": [ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr, ptr, i64,
+                        f32, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, (i64 if name == "layer_stack" else None)  # the layer it stopped at
     return lib
 
 

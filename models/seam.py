@@ -89,6 +89,11 @@ class ExpertSeam(ABC):
     def combine(self, handle: DispatchHandle) -> torch.Tensor:
         """Wait for the expert outputs of ``handle`` and return them summed per token: [T, D]."""
 
+    def packed_layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate|up, down) of every expert of the layer when they are held in this process packed for the CPU
+        kernels, so a whole step can run in one kernel call (``models/kernel_step.py``); None where they are not."""
+        return None
+
 
 class LocalExperts(ExpertSeam, nn.Module):
     """All routed experts of every MoE layer in this process (fused checkpoint orientation)."""
@@ -127,6 +132,11 @@ class LocalExperts(ExpertSeam, nn.Module):
 
     def combine(self, handle: DispatchHandle) -> torch.Tensor:
         return handle.in_flight  # computed in dispatch: nothing is in flight in-process
+
+    def packed_layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        key = str(layer_idx)
+        gate_up, down = self.gate_up_EDF2[key], self.down_EFD[key]
+        return (gate_up, down) if gate_up.dim() == 4 and self.num_experts == gate_up.shape[0] else None
 
 
 def top_k_gate(router_logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,23 +125,24 @@ class StepAttention:
         return ((self.cache.k_NHDh, self.cache.v_NHDh, self.cache.block_size),
                 (blocks_KRB[idx], first_R, len_R, longest))
 
-    def kernel_pointers(self) -> tuple[int, int, int, list[tuple[int, int, int, int, int]]] | None:
-        """The same as ``kernel_tables`` as plain ints, for a caller that calls the kernels itself
-        (``models/kernel_step.py``): (K cache, V cache, block size, per layer (blocks [T, B], B, first [T], len [T],
-        max len)) as addresses, valid while this object lives; None unless the kernel takes every row."""
+    def kernel_pointers(self) -> tuple[int, int, int, torch.Tensor, int] | None:
+        """``kernel_tables`` of every layer for a caller that calls the kernels itself (``models/kernel_step.py``):
+        (K cache, V cache, block size, tables [layers, 4], max len) with a layer's row (blocks [T, B], B, first [T],
+        len [T]) and the caches as addresses, valid while this object lives; None unless the kernel takes every
+        row."""
         if not self.all_kernel:
             return None
         if self._pointers is None:
-            per_kind = {}
-            for kind, (blocks_KRB, first_R, len_R, longest) in self.tables.items():
-                per_kind[kind] = (blocks_KRB.data_ptr(), blocks_KRB.stride(0) * blocks_KRB.element_size(),
-                                  blocks_KRB.shape[2], first_R.data_ptr(), len_R.data_ptr(), longest)
-            layers = []
+            per_kind = {kind: (blocks_KRB.data_ptr(), blocks_KRB.stride(0) * blocks_KRB.element_size(),
+                               blocks_KRB.shape[2], first_R.data_ptr(), len_R.data_ptr())
+                        for kind, (blocks_KRB, first_R, len_R, _) in self.tables.items()}
+            rows = []
             for layer in range(len(self.cache.layer_kind)):
                 kind, idx = self.cache.layer_kind[layer]
-                base, per_layer, width, first, length, longest = per_kind[kind]
-                layers.append((base + idx * per_layer, width, first, length, longest))
-            self._pointers = (self.cache.k_NHDh.data_ptr(), self.cache.v_NHDh.data_ptr(), self.cache.block_size, layers)
+                base, per_layer, width, first, length = per_kind[kind]
+                rows.append((base + idx * per_layer, width, first, length))
+            self._pointers = (self.cache.k_NHDh.data_ptr(), self.cache.v_NHDh.data_ptr(), self.cache.block_size,
+                              torch.tensor(rows, dtype=torch.int64), max(t[3] for t in self.tables.values()))
         return self._pointers
 
     def attend(self, layer: int, chunk: int | None, pos_T: torch.Tensor, q_THDh: torch.Tensor,

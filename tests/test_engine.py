@@ -315,9 +315,14 @@ def dense_and_moe(tmp_path_factory):
 
 
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
-def test_whole_step_on_the_kernels_gives_the_logits_of_the_layer_by_layer_path(dense_and_moe, weights, monkeypatch):
+@pytest.mark.parametrize("experts", ["held", "seam"])
+def test_whole_step_on_the_kernels_gives_the_logits_of_the_layer_by_layer_path(dense_and_moe, weights, experts,
+                                                                               monkeypatch):
     """models/kernel_step.py against the layer-by-layer path, bit for bit, on steps of decodes and short prefills
-    (the same step run twice: its K/V writes are the same values); and it really ran, through the seam."""
+    (the same step run twice: its K/V writes are the same values). "held": the experts are packed here, the whole
+    step is one kernel call; "seam": the seam does not hand them over (as a remote one would not), so every MoE
+    layer goes through dispatch / combine between calls."""
+    from models.kernel_step import KernelStep
     from models.loading import load_model
     from models.seam import LocalExperts
     from router.model_runner import decodes_first
@@ -325,21 +330,23 @@ def test_whole_step_on_the_kernels_gives_the_logits_of_the_layer_by_layer_path(d
     path, tok = dense_and_moe
     model = load_model(path, weight_dtype=weights)
     assert model.kernel_step is not None and {layer.is_moe for layer in model.layers} == {True, False}
+    if experts == "seam":
+        monkeypatch.setattr(LocalExperts, "packed_layer", lambda self, layer_idx: None)
+        model.kernel_step = KernelStep(model)
     engine = _engine(model, tok)
     prompts = _prompts(4, [5, 40, 17, 9], seed=12)
     for i, p in enumerate(prompts[:2]):
         engine.add_request(GenerationRequest(f"d{i}", p, dataclasses.replace(GREEDY, max_tokens=30)))
-    compared = 0
+    compared, real = 0, LocalExperts.dispatch
     for step in range(12):
         if step == 4:
             for i, p in enumerate(prompts[2:]):
                 engine.add_request(GenerationRequest(f"s{i}", p, GREEDY))
         chunks = decodes_first(engine.scheduler.schedule())
         dispatched = []
-        real = LocalExperts.dispatch
         monkeypatch.setattr(LocalExperts, "dispatch", lambda *a, **k: dispatched.append(1) or real(*a, **k))
         whole = engine.runner.run(chunks)
-        assert len(dispatched) == sum(layer.is_moe for layer in model.layers)  # the routed experts: via the seam
+        assert len(dispatched) == (sum(layer.is_moe for layer in model.layers) if experts == "seam" else 0)
         monkeypatch.setattr(LocalExperts, "dispatch", real)
         step_fn = model.kernel_step
         model.kernel_step = None

@@ -361,3 +361,52 @@ void residual_add(const float *h, const float *a, const float *b, float *out, in
     else
         for (int64_t i = 0; i < n; i++) out[i] = h[i] + a[i];
 }
+
+/* One layer's plan: what layer_stack reads, as int64 fields (addresses and flags), written once per model by
+ * models/kernel_step.py (PLAN_FIELDS there must match). */
+enum {
+    P_W_IN, P_W_POST, P_QKV, P_QKV_BF16, P_QKV_BIAS, P_O, P_O_BF16, P_O_BIAS, P_ROPE, P_QK_NORM, P_TEMPERATURE,
+    P_GATE_UP, P_GATE_UP_BF16, P_DOWN, P_DOWN_BF16, P_FFN, /* dense FFN, or the MoE layer's shared expert */
+    P_ROUTER, P_ROUTER_BF16, P_EXPERTS_GATE_UP, P_EXPERTS_DOWN, P_EXPERTS_BF16, P_EXPERT_FFN, /* router 0: dense */
+    PLAN_FIELDS
+};
+#define PTR(type, v) ((type)(intptr_t)(v))
+
+/* Layers [0, L) of a step whose rows the attention kernel takes, in one call: per layer attention_block, then
+ * swiglu_block with the residual add (dense), or moe_gate, experts_ffn, the shared expert's swiglu_block and
+ * residual_add (MoE). h [T, D] is updated in place; tables: per layer (blocks, blocks per row, first, len) of the
+ * paged cache. A MoE layer whose experts are not held here (no experts in its plan) stops the stack after its gate
+ * (x, scores and ids are ready for the seam): the return value is that layer, or L when every layer ran; the
+ * caller finishes the layer as the same calls would (models/kernel_step.py) and goes on from the next one. */
+int64_t layer_stack(const int64_t *plan, const int64_t *tables, int64_t L, float *h, float *x, int64_t T, int64_t D,
+                 int64_t H, int64_t Hkv, int64_t Dh, int64_t E, int64_t K, float eps, const float *cos_TF,
+                 const float *sin_TF, const float *q_scale, float *k_cache, float *v_cache, int64_t bs,
+                 float attn_scale, float *att_scratch, int64_t per_thread, float *work, float *shared, float *routed,
+                 float *scores, int64_t *ids, int64_t *slot, int64_t *counts, int nthreads) {
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t *p = plan + l * PLAN_FIELDS, *t = tables + l * 4;
+        attention_block(h, T, D, PTR(const float *, p[P_W_IN]), eps, PTR(const void *, p[P_QKV]), (int)p[P_QKV_BF16],
+                        PTR(const float *, p[P_QKV_BIAS]), H, Hkv, Dh, p[P_ROPE] ? cos_TF : NULL,
+                        p[P_ROPE] ? sin_TF : NULL, (int)p[P_QK_NORM], p[P_TEMPERATURE] ? q_scale : NULL, k_cache,
+                        v_cache, PTR(const int64_t *, t[0]), t[1], PTR(const int64_t *, t[2]),
+                        PTR(const int64_t *, t[3]), bs, attn_scale, att_scratch, per_thread, PTR(const void *, p[P_O]),
+                        (int)p[P_O_BF16], PTR(const float *, p[P_O_BIAS]), PTR(const float *, p[P_W_POST]), work, h, x,
+                        nthreads);
+        const void *gate_up = PTR(const void *, p[P_GATE_UP]), *down = PTR(const void *, p[P_DOWN]);
+        if (!p[P_ROUTER]) {
+            swiglu_block(x, T, D, gate_up, (int)p[P_GATE_UP_BF16], p[P_FFN], down, (int)p[P_DOWN_BF16], h, h, work,
+                         nthreads);
+            continue;
+        }
+        moe_gate(x, T, D, PTR(const void *, p[P_ROUTER]), (int)p[P_ROUTER_BF16], E, K, work, scores, ids, nthreads);
+        if (!p[P_EXPERTS_GATE_UP])
+            return l;
+        experts_ffn(x, D, scores, ids, T, K, E, D, p[P_EXPERT_FFN], PTR(const void *, p[P_EXPERTS_GATE_UP]),
+                    (int)p[P_EXPERTS_BF16], PTR(const void *, p[P_EXPERTS_DOWN]), (int)p[P_EXPERTS_BF16], slot, counts,
+                    work, routed, nthreads);
+        swiglu_block(x, T, D, gate_up, (int)p[P_GATE_UP_BF16], p[P_FFN], down, (int)p[P_DOWN_BF16], NULL, shared,
+                     work, nthreads);
+        residual_add(h, shared, routed, h, T * D);
+    }
+    return L;
+}
