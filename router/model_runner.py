@@ -37,7 +37,7 @@ class ModelRunner:
         backend = StepAttention(self.cache, self.blocks, chunks, self.device)
         h_TD = self.model.forward_flat(token_ids_T, pos_T, backend)
         # Only rows that sample need the LM head: for a long prefill this is most of the saving.
-        h_RD = h_TD[torch.tensor(last_rows, dtype=torch.long, device=self.device)]
+        h_RD = h_TD if len(last_rows) == row else h_TD[torch.tensor(last_rows, dtype=torch.long, device=self.device)]
         return self.model.hidden_to_logits(h_RD).float()
 
 

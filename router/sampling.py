@@ -214,7 +214,7 @@ def apply_penalties(
     prompt_ids: Sequence[Sequence[int]],
     output_ids: Sequence[Sequence[int]],
 ) -> Tensor:
-    """Penalised copy of float32 ``logits_BV`` [B, V].
+    """Penalised float32 ``logits_BV`` [B, V]: a copy, or ``logits_BV`` itself when no row has a penalty.
 
     Repetition (HF): tokens seen in prompt or output have positive logits divided by the
     penalty, negative ones multiplied.  Presence / frequency (OpenAI), output tokens only:
@@ -224,7 +224,7 @@ def apply_penalties(
     use_rep = any(p.repetition_penalty != 1.0 for p in params)
     use_pf = any(p.presence_penalty or p.frequency_penalty for p in params)
     if not (use_rep or use_pf):
-        return logits_BV.clone()
+        return logits_BV
     out_counts_BV = _token_counts(output_ids, vocab, device)
     if use_rep:
         seen_BV = (_token_counts(prompt_ids, vocab, device) > 0) | (out_counts_BV > 0)
