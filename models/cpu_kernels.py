@@ -1,6 +1,8 @@
 """CPU kernels, compiled on first use: matrix products over packed weights (``models/csrc/packed_matmul.c``) and
 the small fused operations of a forward step (``models/csrc/decode_ops.c``: RMS norm with the residual add, RoPE
-with the q/k norm, SwiGLU's activation, MoE routing, attention over the paged KV cache).
+with the q/k norm, SwiGLU's activation, MoE routing, attention over the paged KV cache), the parts of a layer made
+of them (attention sub-layer, SwiGLU FFN, MoE gate, routed experts) and a whole stack of layers
+(``layer_stack``, driven by ``models/kernel_step.py``).
 
 A decode step multiplies a few rows by every weight once, so it is bound by how fast weights stream from memory;
 prefill is bound by FMA throughput. The BLAS in the torch wheel is far from both on this kind of CPU (see
