@@ -202,8 +202,12 @@ def _kernel_tables(blocks: KVBlockManager, chunks: list[ScheduledChunk], kind: s
         window_C.append(window)
     width = max(len(t[0]) for t in padded)
     if all(n == 1 for n in n_C):  # decodes only, one row per chunk: plain ints, three tensors (runs every step)
-        blocks_KRB = torch.tensor([[t[k] + [0] * (width - len(t[k])) for t in padded]
-                                   for k in range(len(padded[0]))], dtype=torch.long)
+        flat = []  # one flat list: torch.tensor of nested lists costs several times more
+        for k in range(len(padded[0])):
+            for t in padded:
+                flat += t[k]
+                flat += [0] * (width - len(t[k]))
+        blocks_KRB = torch.tensor(flat, dtype=torch.long).view(len(padded[0]), len(padded), width)
         len_R = [c.start - w + 1 for c, w in zip(chunks, window_C)]
         return (blocks_KRB, torch.tensor([w - lo * bs for w, lo in zip(window_C, lo_C)], dtype=torch.long),
                 torch.tensor(len_R, dtype=torch.long), max(len_R))

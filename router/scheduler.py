@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from router.kv_blocks import KVBlockManager
+from router.kv_blocks import KVBlockManager, OutOfBlocks
 from router.request import OverloadedError
 from router.sequence import Sequence, Status
 
@@ -60,21 +60,26 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
+        budget = self.max_tokens_per_step
         # Decodes before prefills: a long prompt never stalls the streams already running.
         for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.arrival)):
-            budget = self.max_tokens_per_step - sum(c.num_tokens for c in chunks)
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
             n = min(seq.num_uncomputed, budget)
+            scheduled = len(chunks)
             if self._reserve_or_preempt(seq, n, chunks):
                 chunks.append(_chunk(seq, n))
-        budget = self.max_tokens_per_step - sum(c.num_tokens for c in chunks)
+            if len(chunks) == scheduled + 1:
+                budget -= n
+            else:  # a preemption took chunks of this step back
+                budget = self.max_tokens_per_step - sum(c.num_tokens for c in chunks)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_ensure(seq.request_id, seq.num_computed + n, seq.num_computed):
+            try:
+                self.blocks.ensure(seq.request_id, seq.num_computed + n, seq.num_computed)
+            except OutOfBlocks:
                 break  # first come first served: nobody overtakes the head of the queue
-            self.blocks.ensure(seq.request_id, seq.num_computed + n, seq.num_computed)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -84,14 +89,16 @@ class Scheduler:
 
     def _reserve_or_preempt(self, seq: Sequence, n: int, chunks: list[ScheduledChunk]) -> bool:
         """Reserve blocks for ``n`` more tokens of ``seq``, preempting the newest sequences as needed."""
-        while not self.blocks.can_ensure(seq.request_id, seq.num_computed + n, seq.num_computed):
-            victim = max(self.running, key=lambda s: s.arrival)
-            self._preempt(victim)
-            chunks[:] = [c for c in chunks if c.seq is not victim]  # it may already be in this step
-            if victim is seq:
-                return False
-        self.blocks.ensure(seq.request_id, seq.num_computed + n, seq.num_computed)
-        return True
+        while True:
+            try:  # all or nothing: a refusal changes no table
+                self.blocks.ensure(seq.request_id, seq.num_computed + n, seq.num_computed)
+                return True
+            except OutOfBlocks:
+                victim = max(self.running, key=lambda s: s.arrival)
+                self._preempt(victim)
+                chunks[:] = [c for c in chunks if c.seq is not victim]  # it may already be in this step
+                if victim is seq:
+                    return False
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
