@@ -278,7 +278,7 @@ def paged_decode_attention(q_SHDh: torch.Tensor, k_SHDh: torch.Tensor, v_SHDh: t
     if Dh % 8:
         raise ValueError(f"the attention kernel needs a head dim that is a multiple of 8, got {Dh}")
     out = torch.empty(S, H, Dh, dtype=torch.float32)
-    scratch, per_thread, threads = _attention_scratch(H, Dh, int(len_S.max()) if longest is None else longest)
+    scratch, per_thread, threads = attention_scratch(H, Dh, int(len_S.max()) if longest is None else longest)
     _lib.paged_decode_attention(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(),
                                 v_cache.data_ptr(), blocks_SB.data_ptr(), blocks_SB.shape[1], first_S.data_ptr(),
                                 len_S.data_ptr(), S, H, Hkv, Dh, block_size, scale, out.data_ptr(), scratch.data_ptr(),
@@ -286,7 +286,7 @@ def paged_decode_attention(q_SHDh: torch.Tensor, k_SHDh: torch.Tensor, v_SHDh: t
     return out
 
 
-def _attention_scratch(H: int, Dh: int, longest: int) -> tuple[torch.Tensor, int, int]:
+def attention_scratch(H: int, Dh: int, longest: int) -> tuple[torch.Tensor, int, int]:
     """(buffer, floats per thread, threads) for the attention kernel's scores: torch allocates it, so a shortage
     of memory is a clear error, never an allocation failing inside the kernel."""
     Hp, threads = -(-H // 8) * 8, torch.get_num_threads()
@@ -313,7 +313,7 @@ def attention_block(h_TD: torch.Tensor, w_in: torch.Tensor, w_post: torch.Tensor
     q_scale = None if q_scale_T is None else q_scale_T.float().contiguous()
     work = torch.empty(T * (2 * D + (2 * H + 2 * Hkv) * Dh))
     h_out, x_out = torch.empty(T, D), torch.empty(T, D)
-    scratch, per_thread, threads = _attention_scratch(H, Dh, longest)
+    scratch, per_thread, threads = attention_scratch(H, Dh, longest)
     _lib.attention_block(h_TD.data_ptr(), T, D, w_in.data_ptr(), eps, qkv_w.data_ptr(), qkv_w.dtype == torch.bfloat16,
                          _ptr(qkv_b), H, Hkv, Dh, _ptr(cos), _ptr(sin), int(qk_norm), _ptr(q_scale), k_cache.data_ptr(),
                          v_cache.data_ptr(), blocks_TB.data_ptr(), blocks_TB.shape[1], first_T.data_ptr(),

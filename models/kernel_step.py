@@ -120,7 +120,7 @@ class KernelStep:
         scores_TK, ids_TK = torch.empty(T, K), torch.empty(T, K, dtype=torch.int64)
         slot_S, counts_E = torch.empty(T * K, dtype=torch.int64), torch.empty(E, dtype=torch.int64)
         work = torch.empty(T * self.work_per_token)
-        scratch, per_thread, _ = cpu_kernels._attention_scratch(H, Dh, longest)
+        scratch, per_thread, _ = cpu_kernels.attention_scratch(H, Dh, longest)
         h, x, shared = h_TD.data_ptr(), x_TD.data_ptr(), shared_TD.data_ptr()
         plan, tables, row_bytes = self.plan_LP.data_ptr(), tables_L4.data_ptr(), len(PLAN) * 8
         args = (h, x, T, D, H, Hkv, Dh, E, K, cfg.rms_norm_eps, cos_TF.data_ptr(), sin_TF.data_ptr(),
