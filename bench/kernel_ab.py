@@ -1,4 +1,4 @@
-"""Matrix kernels, A vs B in one process, interleaved: for kernel changes worth a few percent.
+"""CPU kernels, A vs B in one process, interleaved: for kernel changes worth a few percent.
 
 This VM's memory bandwidth moves 10-20% between minutes, so two runs of ``bench/kernels.py`` cannot judge a
 change of 5-10%. Here both sides run in turns in the same process on the same packed weights (A B, B A, ...),
@@ -10,11 +10,13 @@ Two comparisons:
 - ``--pages``: A and B both the working tree's library; A's weights on 4 KiB pages (``MADV_NOHUGEPAGE``), B's on
   huge pages (``models/huge_pages.py``), same values.
 
-Workloads, weights of the ``small`` preset's shapes, too many to stay in cache:
+Workloads (``--workloads``), weights of the ``small`` preset's shapes, too many to stay in cache:
 - dense: every matrix product of a decode step (q|k|v, o_proj, the dense FFN's gate|up and down x 8 layers, the
   shared expert's x 4) at M rows;
 - experts: the routed experts of 4 MoE layers (16 experts each, gate|up and down, ``grouped_packed_linear``), M
-  rows routed uniformly at random (seeded).
+  rows routed uniformly at random (seeded);
+- attention: ``paged_decode_attention`` for M sequences of ``--keys`` cached keys (12 query / 4 KV heads of 64,
+  blocks shuffled over the cache); A and B must give the same output. GB/s counts the K and V bytes read.
 
     python bench/kernel_ab.py --base HEAD~1 --weights bf16 --rows 1,8,32
 """
@@ -47,6 +49,7 @@ def load(path: Path) -> ctypes.CDLL:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.packed_linear.argtypes = [ptr, i64, i64, ptr, i32, i64, ptr, i32]
     lib.grouped_packed_linear.argtypes = [ptr, i64, ptr, i64, ptr, i32, i64, ptr, i32]
+    lib.paged_decode_attention.argtypes = cpu_kernels.library().paged_decode_attention.argtypes
     return lib
 
 
@@ -84,7 +87,8 @@ def main() -> None:
     p.add_argument("--pages", action="store_true", help="A = weights on 4 KiB pages, B = on huge pages")
     p.add_argument("--weights", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--rows", default="1,8,32", help="comma-separated M values")
-    p.add_argument("--workloads", default="dense,experts")
+    p.add_argument("--workloads", default="dense,experts", help="any of dense,experts,attention")
+    p.add_argument("--keys", type=int, default=1024, help="attention: cached keys per sequence (M sequences)")
     p.add_argument("--turns", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -158,6 +162,40 @@ def main() -> None:
                 print(f"| experts ({used} of {E} hit) | {M} | {ta * 1e3:.2f} | {tb * 1e3:.2f} | "
                       f"{nbytes / ta / 1e9:.1f} | {nbytes / tb / 1e9:.1f} | {flops / tb / 1e9:.0f} | {ta / tb:.3f}x | "
                       f"{wins}/{args.turns} |", flush=True)
+            if "attention" in args.workloads:
+                ta, tb, wins, nbytes, flops = attention_ab(lib_a, lib_b, M, args.keys, args.turns, args.threads, g)
+                print(f"| attention ({args.keys} keys) | {M} | {ta * 1e3:.2f} | {tb * 1e3:.2f} | "
+                      f"{nbytes / ta / 1e9:.1f} | {nbytes / tb / 1e9:.1f} | {flops / tb / 1e9:.0f} | {ta / tb:.3f}x | "
+                      f"{wins}/{args.turns} |", flush=True)
+
+
+def attention_ab(lib_a, lib_b, S: int, L: int, turns: int, threads: int, g: torch.Generator):
+    """Decode attention of S sequences over L cached keys each (the small preset's 12 query / 4 KV heads of 64,
+    blocks of 16 shuffled over the cache), A vs B; the two must give the same output, bit for bit."""
+    H, Hkv, Dh, bs = 12, 4, 64, 16
+    width = -(-L // bs)
+    k_cache, v_cache = torch.randn(2, S * width * bs, Hkv, Dh, generator=g)
+    blocks = torch.randperm(S * width, generator=g).view(S, width).contiguous()
+    first, length = torch.zeros(S, dtype=torch.long), torch.full((S,), L, dtype=torch.long)
+    q = torch.randn(S, H * Dh, generator=g)
+    scratch, per_thread, _ = cpu_kernels.attention_scratch(H, Dh, L)
+    outs = {}
+
+    def run(lib, side):
+        out = outs.setdefault(side, torch.empty(S, H, Dh))
+
+        def once():
+            t0 = time.perf_counter()
+            lib.paged_decode_attention(q.data_ptr(), q.stride(0), None, None, 0, k_cache.data_ptr(), v_cache.data_ptr(),
+                                       blocks.data_ptr(), width, first.data_ptr(), length.data_ptr(), S, H, Hkv, Dh,
+                                       bs, Dh ** -0.5, out.data_ptr(), scratch.data_ptr(), per_thread, threads)
+            return time.perf_counter() - t0
+        return once
+
+    ta, tb, wins = interleave(run(lib_a, "a"), run(lib_b, "b"), turns)
+    if not torch.equal(outs["a"], outs["b"]):
+        raise SystemExit("attention: A and B give different outputs")
+    return ta, tb, wins, 2 * S * L * Hkv * Dh * 4, 4 * S * L * H * Dh
 
 
 if __name__ == "__main__":

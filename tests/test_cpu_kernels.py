@@ -196,7 +196,8 @@ def test_silu_mul_matches_torch_across_the_range(M, F_):
 def test_paged_decode_attention_matches_sdpa_over_the_same_keys(H, Hkv, Dh):
     bs, S = 4, 6
     g = torch.Generator().manual_seed(H * 100 + Dh)
-    len_S = torch.tensor([1, 2, 5, 9, 170, 3])  # 170: enough keys for the threads to split the work
+    # 170 keys: enough for two threads; 2100: values summed keys-outer in a batch, heads-outer alone (below)
+    len_S = torch.tensor([1, 2, 5, 9, 170, 2100])
     first_S = torch.tensor([0, 3, 1, 0, 2, 0])  # where the window starts in the first listed block
     width = int(((first_S + len_S + bs - 1) // bs).max())
     n_blocks = S * width + 3
@@ -216,7 +217,7 @@ def test_paged_decode_attention_matches_sdpa_over_the_same_keys(H, Hkv, Dh):
                                              scale=Dh ** -0.5, enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[s], ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # wrote each new key, nothing else
-    # A sequence's output is the same alone or in a batch, on one thread or several.
+    # A sequence's output is the same alone or in a batch, on one thread or several, keys- or heads-outer.
     alone = [cpu_kernels.paged_decode_attention(q[s:s + 1], k[s:s + 1], v[s:s + 1], k_cache, v_cache,
                                                 blocks_SB[s:s + 1], first_S[s:s + 1], len_S[s:s + 1], bs, Dh ** -0.5)
              for s in range(S)]
