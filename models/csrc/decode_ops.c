@@ -133,6 +133,13 @@ static inline __m256 hsum8(const __m256 a[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* Keys from which paged_decode_attention sums the values keys-outer, for one sequence and for several. Against
+ * heads-outer in one process (identical outputs), keys-outer measured 0.9-1.1x at 160 keys; one sequence
+ * 0.95-1.03x at 1024 keys, 0.89-1.04x at 2048, 1.08-1.44x at 4096; 8 or 32 sequences of 1024 keys 1.12-1.28x (two
+ * threads then stream values side by side, and reading each row once is what counts). */
+#define PV_KEYS_OUTER_ONE 4096
+#define PV_KEYS_OUTER_MANY 1024
+
 /* Attention of one new token per sequence over its visible keys in a paged cache.
  *
  * Sequence s sees keys at logical offsets first[s] .. first[s] + len[s] - 1 of its block table blocks[s, :]
@@ -143,13 +150,6 @@ static inline __m256 hsum8(const __m256 a[8]) {
  * One task per sequence, so each cached key/value row (all kv heads, contiguous) is read once, in block order:
  * the row is what memory delivers, and 8 query heads are scored against it with independent FMA chains.
  * Needs Dh % 8 == 0. ``scratch`` holds nthreads x per_thread floats, per_thread >= Hp * max(len) + Hp + Hp * Dh. */
-/* Keys from which the weighted sum of values runs keys-outer (see below), for one sequence and for several: in one
- * process against heads-outer (identical outputs), keys-outer measured 0.9-1.1x at 160 keys, one sequence
- * 0.95-1.03x at 1024 keys, 0.89-1.04x at 2048, 1.08-1.44x at 4096; 8 or 32 sequences of 1024 keys 1.12-1.28x (two
- * threads then stream values side by side, and reading each row once is what counts). */
-#define PV_KEYS_OUTER_ONE 4096
-#define PV_KEYS_OUTER_MANY 1024
-
 void paged_decode_attention(const float *q, int64_t ldq, const float *k_new, const float *v_new, int64_t ldkv,
                             float *k_cache, float *v_cache, const int64_t *blocks, int64_t max_blocks,
                             const int64_t *first, const int64_t *len, int64_t S, int64_t H, int64_t Hkv, int64_t Dh,
