@@ -79,9 +79,10 @@ class Attention(nn.Module):
         """(h + self(norm_in(h)), norm_post of that) in one CPU kernel call when the weights are packed and the
         backend's attention kernel takes every row of the step; None otherwise (the caller takes the long way)."""
         kernel_tables = getattr(backend, "kernel_tables", None)
-        w_in, w_post, o_args = norm_in._kernel_weight, norm_post._kernel_weight, self.o_proj._kernel_args
-        if self._qkv is None or kernel_tables is None or w_in is None or w_post is None or o_args is None:
+        weights = self.kernel_weights(norm_in, norm_post)
+        if weights is None or kernel_tables is None:
             return None
+        w_in, w_post, o_args = weights
         tables = kernel_tables(self.layer_idx)
         if tables is None or not cpu_kernels.fused_ok(h_TD):
             return None
@@ -90,6 +91,15 @@ class Attention(nn.Module):
             h_TD, w_in, w_post, cfg.rms_norm_eps, self._qkv, o_args,
             (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), rope_TF if self.use_rope else None,
             self.use_qk_norm, self._q_scale(pos_T), *tables, cfg.head_dim ** -0.5)
+
+    def kernel_weights(self, norm_in, norm_post) -> tuple[torch.Tensor, torch.Tensor, tuple] | None:
+        """(norm_in weight, norm_post weight, (packed o_proj, D, bias)) when the whole sub-layer can run on the
+        kernels (``cpu_kernels.attention_block``, ``models/kernel_step.py``; q|k|v is ``self._qkv``); None where
+        something is not packed."""
+        w_in, w_post, o_args = norm_in._kernel_weight, norm_post._kernel_weight, self.o_proj._kernel_args
+        if self._qkv is None or w_in is None or w_post is None or o_args is None:
+            return None
+        return w_in, w_post, o_args
 
     def _q_scale(self, pos_T: torch.Tensor) -> torch.Tensor | None:
         """The NoPE layers' query temperature [T] for the kernels; None on RoPE layers."""

@@ -66,20 +66,20 @@ class KernelStep:
         return t.data_ptr()
 
     def _swiglu_fields(self, module) -> dict | None:
-        gate_up, down = module._gate_up, module.down_proj._kernel_args
-        if gate_up is None or down is None or down[2] is not None:
+        packed = module.kernel_weights()
+        if packed is None:
             return None
+        gate_up, down = packed
         return dict(gate_up=self._addr(gate_up), gate_up_bf16=gate_up.dtype == torch.bfloat16,
-                    down=self._addr(down[0]), down_bf16=down[0].dtype == torch.bfloat16, ffn=module.ffn)
+                    down=self._addr(down), down_bf16=down.dtype == torch.bfloat16, ffn=module.ffn)
 
     def _plan_row(self, layer, experts) -> list[int] | None:
         """The layer's plan row, or None where something is not packed (then the model goes layer by layer)."""
         attn, ffn = layer.self_attn, layer.feed_forward
-        w_in, w_post, o = layer.input_layernorm._kernel_weight, layer.post_attention_layernorm._kernel_weight, \
-            attn.o_proj._kernel_args
-        if attn._qkv is None or w_in is None or w_post is None or o is None:
+        weights = attn.kernel_weights(layer.input_layernorm, layer.post_attention_layernorm)
+        if weights is None:
             return None
-        qkv, qkv_bias = attn._qkv
+        (w_in, w_post, o), (qkv, qkv_bias) = weights, attn._qkv
         row = dict(w_in=self._addr(w_in), w_post=self._addr(w_post), qkv=self._addr(qkv),
                    qkv_bf16=qkv.dtype == torch.bfloat16, qkv_bias=self._addr(qkv_bias), o=self._addr(o[0]),
                    o_bf16=o[0].dtype == torch.bfloat16, o_bias=self._addr(o[2]), rope=attn.use_rope,
@@ -89,10 +89,10 @@ class KernelStep:
             return None
         row.update(swiglu)
         if layer.is_moe:
-            router = ffn.router._kernel_args
-            if router is None or router[2] is not None:
+            router = ffn.kernel_router()
+            if router is None:
                 return None
-            row.update(router=self._addr(router[0]), router_bf16=router[0].dtype == torch.bfloat16)
+            row.update(router=self._addr(router), router_bf16=router.dtype == torch.bfloat16)
             held = experts.packed_layer(ffn.layer_idx)
             if held is not None:  # else the stack stops after this layer's gate: the seam takes over
                 gate_up_E, down_E = held

@@ -90,10 +90,16 @@ class SwiGLU(nn.Module):
         """Gate and up packed as one [2F, D] weight: one pass over x, and the activation fused after it."""
         self.gate_up_packed = self._gate_up = pack_fused(activation_dtype, self.gate_proj, self.up_proj)[0]
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate|up, down) packed for the one-call kernel (``cpu_kernels.swiglu``, ``models/kernel_step.py``); None
+        where it does not apply (not packed, or a bias on down)."""
         gate_up, down = self._gate_up, self.down_proj._kernel_args
-        if gate_up is not None and down is not None and down[2] is None:
-            return cpu_kernels.swiglu(x_TD, gate_up, down[0])
+        return None if gate_up is None or down is None or down[2] is not None else (gate_up, down[0])
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        packed = self.kernel_weights()
+        if packed is not None:
+            return cpu_kernels.swiglu(x_TD, *packed)
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
 
 

@@ -24,10 +24,16 @@ class MoEFeedForward(nn.Module):
         # layer's state dict (expert weights live with the seam, here or on other machines).
         self.__dict__["experts"] = experts
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def kernel_router(self) -> torch.Tensor | None:
+        """The router's packed weight for the one-call gate (``cpu_kernels.moe_gate``, ``models/kernel_step.py``);
+        None where it does not apply (not packed, or a bias)."""
         router = self.router._kernel_args
-        if router is not None and router[2] is None and cpu_kernels.fused_ok(x_TD):  # one call, any T
-            scores_TK, expert_ids_TK = cpu_kernels.moe_gate(x_TD, router[0], router[1], self.top_k)
+        return None if router is None or router[2] is not None else router[0]
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        router = self.kernel_router()
+        if router is not None and cpu_kernels.fused_ok(x_TD):  # one call, any T
+            scores_TK, expert_ids_TK = cpu_kernels.moe_gate(x_TD, router, self.router.out_features, self.top_k)
         else:
             scores_TK, expert_ids_TK = top_k_gate(self.router(x_TD), self.top_k)
         handle = self.experts.dispatch(self.layer_idx, x_TD, expert_ids_TK, scores_TK)

@@ -118,16 +118,17 @@ class LocalExperts(ExpertSeam, nn.Module):
 
     def dispatch(self, layer_idx: int, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                  scores_TK: torch.Tensor) -> DispatchHandle:
-        key = str(layer_idx)
-        gate_up, down = self.gate_up_EDF2[key], self.down_EFD[key]
         T, K = expert_ids_TK.shape
-        if gate_up.dim() == 4 and cpu_kernels.fused_ok(x_TD, scores_TK):  # packed: the whole layer in one call
-            out_TD, slot_S, counts_E = cpu_kernels.experts_ffn(x_TD, scores_TK, expert_ids_TK, gate_up, down)
+        packed = self.packed_layer(layer_idx)
+        if packed is not None and cpu_kernels.fused_ok(x_TD, scores_TK):  # the whole layer in one call
+            out_TD, slot_S, counts_E = cpu_kernels.experts_ffn(x_TD, scores_TK, expert_ids_TK, *packed)
             layout = RouteLayout(num_tokens=T, top_k=K, slot_S=slot_S, counts_E=tuple(counts_E))
         else:
+            key = str(layer_idx)
             layout = route_layout(expert_ids_TK, self.num_experts)
             rows_SD = gather_scaled_rows(x_TD, scores_TK, layout)
-            out_TD = scatter_sum(grouped_swiglu(rows_SD, layout.counts_E, gate_up, down), layout)
+            out_TD = scatter_sum(grouped_swiglu(rows_SD, layout.counts_E, self.gate_up_EDF2[key],
+                                                self.down_EFD[key]), layout)
         return DispatchHandle(layer_idx=layer_idx, layout=layout, in_flight=out_TD)
 
     def combine(self, handle: DispatchHandle) -> torch.Tensor:

@@ -389,7 +389,7 @@ void residual_add(const float *h, const float *a, const float *b, float *out, in
 }
 
 /* One layer's plan: what layer_stack reads, as int64 fields (addresses and flags), written once per model by
- * models/kernel_step.py (PLAN_FIELDS there must match). */
+ * models/kernel_step.py (its PLAN lists the same fields in the same order). */
 enum {
     P_W_IN, P_W_POST, P_QKV, P_QKV_BF16, P_QKV_BIAS, P_O, P_O_BF16, P_O_BIAS, P_ROPE, P_QK_NORM, P_TEMPERATURE,
     P_GATE_UP, P_GATE_UP_BF16, P_DOWN, P_DOWN_BF16, P_FFN, /* dense FFN, or the MoE layer's shared expert */

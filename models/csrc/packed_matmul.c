@@ -21,10 +21,10 @@
 #define UNROLL _Pragma("GCC unroll 8")
 /* Software prefetch 2 KiB ahead of the loads on the first tile of a block (later tiles find it in L2), measured
  * interleaved in one process: when the block serves several tiles, the first one streams it and then waits on it
- * at the FMA rate of the others (fp32, 32 rows: 0.99-1.11x over four comparisons, most of them a gain). A lone tile (a few rows: memory-bound) gains with bf16
- * weights (+17-19%, grouped experts at 8-64 rows) and loses with fp32 ones (-8-13%): there the hardware
- * prefetcher alone does better. A prefetch past the block's end reads into the next block or nowhere: prefetches
- * never fault. */
+ * at the FMA rate of the others (fp32, 32 rows: 0.99-1.11x over four comparisons, most of them a gain). A lone
+ * tile (a few rows: memory-bound) gains with bf16 weights (+17-19%, grouped experts at 8-64 rows) and loses with
+ * fp32 ones (-8-13%): there the hardware prefetcher alone does better. A prefetch past the block's end reads into
+ * the next block or nowhere: prefetches never fault. */
 #define PF_AHEAD 2048
 #define MC 96 /* activation rows per outer chunk: x chunk stays in L2 while a thread streams its weights */
 
